@@ -1,0 +1,401 @@
+"""Checkpoint readers: find the format at a path and give (T5Config, params).
+
+Formats read here:
+- Hugging Face directories: `config.json` plus `model.safetensors`, or shards
+  listed in `model.safetensors.index.json`. The architecture comes from
+  `config.json`. `pytorch_model.bin` is refused: reading it means unpickling.
+- Orbax checkpoints of our own parameter tree (`save_orbax` writes them),
+  with the architecture in `t5_config.json` beside the arrays.
+
+Every reader returns parameters in the tree of `model.network.Transformer`,
+cast to the dtype asked for, as numpy arrays.
+"""
+
+import json
+import os
+import struct
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+import fsspec
+import ml_dtypes
+import numpy as np
+
+from model.config import T5Config
+
+Params = Dict[str, Any]
+
+CONFIG_FILE = 't5_config.json'
+FORMATS_LOOKED_FOR = (
+    "Hugging Face 'config.json' with 'model.safetensors' or "
+    "'model.safetensors.index.json', or an Orbax checkpoint ('_METADATA')")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read; the message says why and what to do."""
+
+
+# --- small file helpers: local paths and gs:// alike -------------------------
+
+
+def _fs(path: str):
+  return fsspec.core.url_to_fs(path)[0]
+
+
+def _exists(path: str) -> bool:
+  return _fs(path).exists(path)
+
+
+def _join(base: str, name: str) -> str:
+  return base.rstrip('/') + '/' + name
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+  with fsspec.open(path, 'r') as f:
+    return json.load(f)
+
+
+# --- format detection ---------------------------------------------------------
+
+
+def detect_format(path: str) -> str:
+  """'huggingface' or 'orbax'; CheckpointError when neither is at `path`."""
+  if not _exists(path):
+    raise CheckpointError(
+        f'CHECKPOINT_PATH {path!r} not found: nothing exists at that path; '
+        f'point it at a checkpoint directory ({FORMATS_LOOKED_FOR})')
+  if _exists(_join(path, 'config.json')):
+    if (_exists(_join(path, 'model.safetensors')) or
+        _exists(_join(path, 'model.safetensors.index.json'))):
+      return 'huggingface'
+    if (_exists(_join(path, 'pytorch_model.bin')) or
+        _exists(_join(path, 'pytorch_model.bin.index.json'))):
+      raise CheckpointError(
+          f'CHECKPOINT_PATH {path!r} holds only pytorch_model.bin, which '
+          'cannot be read without unpickling; convert it to safetensors '
+          '(transformers: model.save_pretrained(dir, safe_serialization=True))')
+  if (_exists(_join(path, '_METADATA')) or
+      _exists(_join(path, '_CHECKPOINT_METADATA'))):
+    return 'orbax'
+  raise CheckpointError(
+      f'CHECKPOINT_PATH {path!r} holds no recognised checkpoint: looked for '
+      f'{FORMATS_LOOKED_FOR}')
+
+
+def load_checkpoint(path: str, config: Optional[T5Config] = None,
+                    dtype: Optional[str] = 'float32'
+                    ) -> Tuple[T5Config, Params]:
+  """Reads the checkpoint at `path` as (config, params).
+
+  `config`, when given, must agree with the checkpoint's shapes (and, for
+  Hugging Face checkpoints, with its config.json). `dtype` casts every
+  parameter ('float32', 'bfloat16', 'float16'; None keeps the stored dtype)
+  and becomes the config's `param_dtype`.
+  """
+  fmt = detect_format(path)
+  if fmt == 'huggingface':
+    stored_config, params = read_huggingface(path)
+  else:
+    stored_config, params = read_orbax(path, config)
+  if config is not None:
+    _check_architecture(path, config, stored_config)
+    stored_config = config
+  check_shapes(stored_config, params, source=path)
+  if dtype is not None:
+    params = cast_params(params, dtype)
+    stored_config = stored_config.replace(param_dtype=dtype)
+  return stored_config, params
+
+
+def _check_architecture(path: str, given: T5Config, stored: T5Config):
+  fields = ('vocab_size', 'd_model', 'num_heads', 'd_kv', 'd_ff',
+            'num_encoder_layers', 'num_decoder_layers', 'feed_forward',
+            'logits_via_embedding', 'relative_attention_num_buckets',
+            'relative_attention_max_distance')
+  differences = [f'{f}: model config {getattr(given, f)!r}, checkpoint '
+                 f'{getattr(stored, f)!r}' for f in fields
+                 if getattr(given, f) != getattr(stored, f)]
+  if differences:
+    raise CheckpointError(
+        f'the model config does not match the checkpoint at {path!r} ('
+        + '; '.join(differences) + '); use the model config of the '
+        'checkpoint or drop the model Gin file for Hugging Face checkpoints')
+
+
+def cast_params(params: Params, dtype: str) -> Params:
+  target = np.dtype(ml_dtypes.bfloat16) if dtype == 'bfloat16' else np.dtype(
+      dtype)
+  return _map_tree(lambda x: np.asarray(x).astype(target), params)
+
+
+def _map_tree(fn, tree):
+  if isinstance(tree, Mapping):
+    return {k: _map_tree(fn, v) for k, v in tree.items()}
+  return fn(tree)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
+  """{'a': {'b': x}} -> {'a/b': x}."""
+  flat = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, name + '/'))
+    else:
+      flat[name] = value
+  return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> Params:
+  tree: Params = {}
+  for name, value in flat.items():
+    node = tree
+    *parents, leaf = name.split('/')
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def expected_shapes(config: T5Config) -> Dict[str, Tuple[int, ...]]:
+  """Every parameter of `config`'s network by '/'-joined name, with shape."""
+  d, inner = config.d_model, config.num_heads * config.d_kv
+  shapes = {'token_embedder/embedding': (config.vocab_size, d)}
+
+  def mlp(prefix):
+    names = ('wi_0', 'wi_1') if config.gated else ('wi',)
+    for name in names:
+      shapes[f'{prefix}/mlp/{name}/kernel'] = (d, config.d_ff)
+    shapes[f'{prefix}/mlp/wo/kernel'] = (config.d_ff, d)
+
+  def attention(prefix):
+    for name in ('query', 'key', 'value'):
+      shapes[f'{prefix}/{name}/kernel'] = (d, inner)
+    shapes[f'{prefix}/out/kernel'] = (inner, d)
+
+  relpos = (config.num_heads, config.relative_attention_num_buckets)
+  shapes['encoder/relpos_bias/rel_embedding'] = relpos
+  for i in range(config.num_encoder_layers):
+    layer = f'encoder/layers_{i}'
+    shapes[f'{layer}/pre_attention_layer_norm/scale'] = (d,)
+    attention(f'{layer}/attention')
+    shapes[f'{layer}/pre_mlp_layer_norm/scale'] = (d,)
+    mlp(layer)
+  shapes['encoder/encoder_norm/scale'] = (d,)
+  shapes['decoder/relpos_bias/rel_embedding'] = relpos
+  for i in range(config.num_decoder_layers):
+    layer = f'decoder/layers_{i}'
+    for norm in ('pre_self_attention_layer_norm',
+                 'pre_cross_attention_layer_norm', 'pre_mlp_layer_norm'):
+      shapes[f'{layer}/{norm}/scale'] = (d,)
+    attention(f'{layer}/self_attention')
+    attention(f'{layer}/encoder_decoder_attention')
+    mlp(layer)
+  shapes['decoder/decoder_norm/scale'] = (d,)
+  if not config.logits_via_embedding:
+    shapes['decoder/logits_dense/kernel'] = (d, config.vocab_size)
+  return shapes
+
+
+def check_shapes(config: T5Config, params: Params, source: str):
+  """CheckpointError naming the first missing, unexpected or misshapen
+  parameter."""
+  expected = expected_shapes(config)
+  actual = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+  missing = sorted(set(expected) - set(actual))
+  if missing:
+    raise CheckpointError(
+        f'checkpoint {source!r} lacks {len(missing)} parameter(s) the model '
+        f'needs, first {missing[0]!r}; check that the model config matches '
+        'the checkpoint')
+  unexpected = sorted(set(actual) - set(expected))
+  if unexpected:
+    raise CheckpointError(
+        f'checkpoint {source!r} has {len(unexpected)} parameter(s) the model '
+        f'does not use, first {unexpected[0]!r}; check that the model config '
+        'matches the checkpoint')
+  for name, shape in expected.items():
+    if actual[name] != shape:
+      raise CheckpointError(
+          f'parameter {name!r} of checkpoint {source!r} has shape '
+          f'{actual[name]}, the model config expects {shape}; check that the '
+          'model config matches the checkpoint')
+
+
+# --- Hugging Face -------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {
+    'F64': np.dtype(np.float64), 'F32': np.dtype(np.float32),
+    'F16': np.dtype(np.float16), 'BF16': np.dtype(ml_dtypes.bfloat16),
+    'I64': np.dtype(np.int64), 'I32': np.dtype(np.int32),
+    'I16': np.dtype(np.int16), 'I8': np.dtype(np.int8),
+    'U8': np.dtype(np.uint8), 'BOOL': np.dtype(np.bool_),
+}
+
+
+def read_safetensors(path: str) -> Dict[str, np.ndarray]:
+  """All tensors of one .safetensors file, by name.
+
+  The format is an 8-byte little-endian header size, a JSON header of
+  {name: {dtype, shape, data_offsets}}, then the raw little-endian data.
+  """
+  with fsspec.open(path, 'rb') as f:
+    (header_size,) = struct.unpack('<Q', f.read(8))
+    header = json.loads(f.read(header_size))
+    data = f.read()
+  tensors = {}
+  for name, entry in header.items():
+    if name == '__metadata__':
+      continue
+    if entry['dtype'] not in _SAFETENSORS_DTYPES:
+      raise CheckpointError(f'{path!r}: tensor {name!r} has dtype '
+                            f'{entry["dtype"]!r}, which t5beam cannot read')
+    begin, end = entry['data_offsets']
+    dtype = _SAFETENSORS_DTYPES[entry['dtype']].newbyteorder('<')
+    array = np.frombuffer(data, dtype=dtype, count=(end - begin) //
+                          dtype.itemsize, offset=begin)
+    tensors[name] = array.reshape(entry['shape'])
+  return tensors
+
+
+def config_from_huggingface(hf: Mapping[str, Any]) -> T5Config:
+  """T5Config from a Hugging Face T5/mT5/ByT5 `config.json` dict."""
+  feed_forward = hf.get('feed_forward_proj', 'relu')
+  if feed_forward == 'gated-gelu_new':
+    feed_forward = 'gated-gelu'
+  num_layers = hf.get('num_layers', 6)
+  return T5Config(
+      vocab_size=hf.get('vocab_size', 32128),
+      d_model=hf.get('d_model', 512),
+      num_heads=hf.get('num_heads', 8),
+      d_kv=hf.get('d_kv', 64),
+      d_ff=hf.get('d_ff', 2048),
+      num_encoder_layers=num_layers,
+      num_decoder_layers=hf.get('num_decoder_layers') or num_layers,
+      feed_forward=feed_forward,
+      logits_via_embedding=_logits_via_embedding(hf),
+      relative_attention_num_buckets=hf.get('relative_attention_num_buckets',
+                                            32),
+      relative_attention_max_distance=hf.get('relative_attention_max_distance',
+                                             128),
+      layer_norm_epsilon=hf.get('layer_norm_epsilon', 1e-6),
+      pad_id=hf.get('pad_token_id', 0) or 0,
+      eos_id=hf.get('eos_token_id', 1) if isinstance(
+          hf.get('eos_token_id', 1), int) else hf['eos_token_id'][0],
+      decoder_start_id=hf.get('decoder_start_token_id', 0) or 0)
+
+
+def _logits_via_embedding(hf: Mapping[str, Any]) -> bool:
+  # transformers 5 writes tie_word_embeddings=true for every T5 and records
+  # the T5 1.0 behaviour (scaled logits through the embedding) as
+  # scale_decoder_outputs; earlier versions wrote tie_word_embeddings=false
+  # for T5 1.1. Absent both, the model is a T5 1.0 release.
+  if 'scale_decoder_outputs' in hf:
+    return bool(hf['scale_decoder_outputs'])
+  return hf.get('tie_word_embeddings', True) is not False
+
+
+def _huggingface_names(config: T5Config) -> Iterable[Tuple[str, str, bool]]:
+  """(our name, Hugging Face name, transpose) for every parameter."""
+  yield 'token_embedder/embedding', 'shared.weight', False
+  ff = ('wi_0', 'wi_1') if config.gated else ('wi',)
+  attention = (('query', 'q'), ('key', 'k'), ('value', 'v'), ('out', 'o'))
+  for tower in ('encoder', 'decoder'):
+    yield (f'{tower}/relpos_bias/rel_embedding',
+           f'{tower}.block.0.layer.0.SelfAttention.relative_attention_bias'
+           '.weight', True)
+    num_layers = (config.num_encoder_layers if tower == 'encoder' else
+                  config.num_decoder_layers)
+    for i in range(num_layers):
+      ours, theirs = f'{tower}/layers_{i}', f'{tower}.block.{i}.layer'
+      if tower == 'encoder':
+        blocks = [('attention', 'pre_attention_layer_norm', 'SelfAttention')]
+      else:
+        blocks = [('self_attention', 'pre_self_attention_layer_norm',
+                   'SelfAttention'),
+                  ('encoder_decoder_attention',
+                   'pre_cross_attention_layer_norm', 'EncDecAttention')]
+      for j, (attn, norm, hf_attn) in enumerate(blocks):
+        yield f'{ours}/{norm}/scale', f'{theirs}.{j}.layer_norm.weight', False
+        for our_proj, hf_proj in attention:
+          yield (f'{ours}/{attn}/{our_proj}/kernel',
+                 f'{theirs}.{j}.{hf_attn}.{hf_proj}.weight', True)
+      j = len(blocks)
+      yield (f'{ours}/pre_mlp_layer_norm/scale',
+             f'{theirs}.{j}.layer_norm.weight', False)
+      for name in ff + ('wo',):
+        yield (f'{ours}/mlp/{name}/kernel',
+               f'{theirs}.{j}.DenseReluDense.{name}.weight', True)
+    norm = 'encoder_norm' if tower == 'encoder' else 'decoder_norm'
+    yield f'{tower}/{norm}/scale', f'{tower}.final_layer_norm.weight', False
+  if not config.logits_via_embedding:
+    yield 'decoder/logits_dense/kernel', 'lm_head.weight', True
+
+
+def read_huggingface(path: str) -> Tuple[T5Config, Params]:
+  config = config_from_huggingface(_read_json(_join(path, 'config.json')))
+  index_path = _join(path, 'model.safetensors.index.json')
+  if _exists(index_path):
+    files = sorted(set(_read_json(index_path)['weight_map'].values()))
+  else:
+    files = ['model.safetensors']
+  tensors: Dict[str, np.ndarray] = {}
+  for name in files:
+    tensors.update(read_safetensors(_join(path, name)))
+  if 'shared.weight' not in tensors:
+    # Deduplicating writers may keep only one name of the tied embedding.
+    for alias in ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight'):
+      if alias in tensors:
+        tensors['shared.weight'] = tensors[alias]
+        break
+  if config.logits_via_embedding:
+    head = tensors.get('lm_head.weight')
+    if head is not None and not np.array_equal(head, tensors['shared.weight']):
+      raise CheckpointError(
+          f'Hugging Face checkpoint {path!r} scales decoder outputs (a T5 1.0 '
+          'model) but its lm_head.weight differs from shared.weight; set '
+          '"tie_word_embeddings": false in config.json if the model has a '
+          'separate output layer')
+  elif 'lm_head.weight' not in tensors and 'shared.weight' in tensors:
+    # Saved with the output layer tied to the embedding but unscaled.
+    tensors['lm_head.weight'] = tensors['shared.weight']
+  flat = {}
+  for ours, theirs, transpose in _huggingface_names(config):
+    if theirs not in tensors:
+      raise CheckpointError(
+          f'Hugging Face checkpoint {path!r} lacks tensor {theirs!r} (for '
+          f'{ours!r}); is config.json the one saved with these weights?')
+    value = tensors[theirs]
+    flat[ours] = np.ascontiguousarray(value.T if transpose else value)
+  return config, unflatten(flat)
+
+
+# --- Orbax --------------------------------------------------------------------
+
+
+def save_orbax(path: str, config: T5Config, params: Params):
+  """Writes params with Orbax at `path` (a new directory) and the config
+  beside them, as `read_orbax` expects."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(path) if '://' not in path else path,
+                    _map_tree(np.asarray, params))
+  checkpointer.wait_until_finished()
+  with fsspec.open(_join(path, CONFIG_FILE), 'w') as f:
+    f.write(config.to_json())
+
+
+def read_orbax(path: str, config: Optional[T5Config]
+               ) -> Tuple[T5Config, Params]:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  config_path = _join(path, CONFIG_FILE)
+  if _exists(config_path):
+    stored = T5Config.from_dict(_read_json(config_path))
+  elif config is not None:
+    stored = config
+  else:
+    raise CheckpointError(
+        f'Orbax checkpoint {path!r} has no {CONFIG_FILE!r}; give the model '
+        'config (a model Gin file) so its architecture is known')
+  restored = ocp.StandardCheckpointer().restore(
+      os.path.abspath(path) if '://' not in path else path)
+  return stored, _map_tree(np.asarray, restored)

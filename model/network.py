@@ -1,0 +1,437 @@
+"""The T5 encoder-decoder network in Flax, with an explicit key/value cache.
+
+Parameter names follow T5X's example network (`token_embedder/embedding`,
+`encoder/layers_0/attention/query/kernel`, `decoder/logits_dense/kernel`, ...)
+so that checkpoints of every format map onto one tree. Kernels are 2-D
+`[in_features, out_features]`, as T5X and Mesh TensorFlow store them.
+
+The network has three entry points:
+- `Transformer.__call__`: teacher-forced logits for whole target sequences
+  (scoring, and the reference for parity tests).
+- `Transformer.encode` + `Transformer.precompute_cross_kv`: run once per batch.
+- `Transformer.decode_step`: one token per sequence against the caches; the
+  decoding loop in `model.decoding` calls it inside `lax.while_loop`.
+"""
+
+from typing import List, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import T5Config
+
+# Added to attention logits where attention is not allowed. Finite so that a
+# fully masked row (an all-padding input) gives a uniform softmax, not NaN.
+MASK_VALUE = -1e10
+
+Array = jax.Array
+# Per decoder layer: (keys, values), each [batch, length, heads, d_kv].
+KeyValue = Tuple[Array, Array]
+
+
+def relative_position_buckets(query_length: int, key_length: int, *,
+                              bidirectional: bool, num_buckets: int,
+                              max_distance: int) -> np.ndarray:
+  """Bucket of every (query, key) offset, [query_length, key_length], int32.
+
+  Half the buckets hold exact small offsets; the rest cover offsets up to
+  `max_distance` on a log scale. Bidirectional buckets (encoder) keep the sign
+  of the offset; unidirectional ones (decoder) look only backwards. The log is
+  taken in float32, as the original Mesh TensorFlow T5 does, so bucket edges
+  agree with every released checkpoint's training.
+  """
+  query = np.arange(query_length, dtype=np.int64)[:, None]
+  key = np.arange(key_length, dtype=np.int64)[None, :]
+  offset = key - query  # > 0: the key is after the query.
+  bucket = np.zeros_like(offset)
+  if bidirectional:
+    num_buckets //= 2
+    bucket += (offset > 0).astype(np.int64) * num_buckets
+    distance = np.abs(offset)
+  else:
+    distance = np.maximum(-offset, 0)
+  num_exact = num_buckets // 2
+  is_exact = distance < num_exact
+  with np.errstate(divide='ignore'):
+    log_ratio = (np.log(distance.astype(np.float32) / np.float32(num_exact)) /
+                 np.float32(np.log(max_distance / num_exact)))
+  # Truncate before adding num_exact: float32 addition could round up.
+  scaled = np.where(is_exact, 0, log_ratio * np.float32(num_buckets - num_exact))
+  log_bucket = num_exact + scaled.astype(np.int64)
+  log_bucket = np.minimum(log_bucket, num_buckets - 1)
+  bucket += np.where(is_exact, distance, log_bucket)
+  return bucket.astype(np.int32)
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+class Kernel(nn.Module):
+  """A bare weight matrix `kernel`; calling it returns the kernel.
+
+  The layers below take kernels rather than dense sub-layers so that they can
+  concatenate the query/key/value (or gated MLP) kernels into one matmul.
+  """
+  shape: Tuple[int, ...]
+  stddev: float
+  param_dtype: str
+
+  @nn.compact
+  def __call__(self) -> Array:
+    init = nn.initializers.normal(stddev=self.stddev)
+    return self.param('kernel', init, self.shape, _dtype(self.param_dtype))
+
+
+class RMSNorm(nn.Module):
+  """T5's layer norm: rescale by the root mean square, no bias, no centering."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    scale = self.param('scale', nn.initializers.ones, (cfg.d_model,),
+                       _dtype(cfg.param_dtype))
+    x = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(variance + cfg.layer_norm_epsilon)
+    return (x * scale.astype(jnp.float32)).astype(_dtype(cfg.dtype))
+
+
+class Embed(nn.Module):
+  """The token embedding, shared by encoder, decoder and (T5 1.0) logits."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self.param('embedding',
+                                nn.initializers.normal(stddev=1.0),
+                                (cfg.vocab_size, cfg.d_model),
+                                _dtype(cfg.param_dtype))
+
+  def __call__(self, tokens: Array) -> Array:
+    """[...] int -> [..., d_model]: a gather, not a one-hot matmul."""
+    return jnp.take(self.table(), tokens, axis=0)
+
+  def table(self) -> Array:
+    return self.embedding.astype(_dtype(self.config.dtype))
+
+
+class RelativePositionBias(nn.Module):
+  """Learned per-head bias for each relative-position bucket."""
+  config: T5Config
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, query_length: int, key_length: int) -> Array:
+    """[heads, query_length, key_length] float32 bias."""
+    cfg = self.config
+    rel_embedding = self.param(
+        'rel_embedding', nn.initializers.normal(stddev=1.0),
+        (cfg.num_heads, cfg.relative_attention_num_buckets),
+        _dtype(cfg.param_dtype))
+    buckets = relative_position_buckets(
+        query_length, key_length, bidirectional=self.bidirectional,
+        num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance)
+    # [heads, buckets] -> [heads, query_length, key_length]
+    return jnp.take(rel_embedding.astype(jnp.float32), jnp.asarray(buckets),
+                    axis=1)
+
+
+class MultiHeadAttention(nn.Module):
+  """Dot-product attention without the 1/sqrt(d_kv) scale (T5 folds it into
+  the query initialisation)."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    inner = cfg.num_heads * cfg.d_kv
+    dtype = cfg.param_dtype
+    self.query = Kernel((cfg.d_model, inner), (cfg.d_model * cfg.d_kv)**-0.5,
+                        dtype)
+    self.key = Kernel((cfg.d_model, inner), cfg.d_model**-0.5, dtype)
+    self.value = Kernel((cfg.d_model, inner), cfg.d_model**-0.5, dtype)
+    self.out = Kernel((inner, cfg.d_model), inner**-0.5, dtype)
+
+  def _split_heads(self, x: Array) -> Array:
+    # [batch, length, heads * d_kv] -> [batch, length, heads, d_kv]
+    return x.reshape(x.shape[:-1] + (self.config.num_heads, self.config.d_kv))
+
+  def _project(self, x: Array, kernels: Sequence[Array]) -> List[Array]:
+    dtype = _dtype(self.config.dtype)
+    fused = jnp.concatenate([k.astype(dtype) for k in kernels], axis=-1)
+    # [batch, length, d_model] -> [batch, length, n * heads * d_kv]
+    projected = jnp.dot(x.astype(dtype), fused)
+    return [self._split_heads(p)
+            for p in jnp.split(projected, len(kernels), axis=-1)]
+
+  def project_qkv(self, x: Array) -> List[Array]:
+    return self._project(x, [self.query(), self.key(), self.value()])
+
+  def project_q(self, x: Array) -> Array:
+    return self._project(x, [self.query()])[0]
+
+  def project_kv(self, x: Array) -> List[Array]:
+    return self._project(x, [self.key(), self.value()])
+
+  def attend(self, query: Array, key: Array, value: Array,
+             bias: Array) -> Array:
+    """Attention output for `query` over `key`/`value`.
+
+    query [batch, q_len, heads, d_kv]; key, value [batch, k_len, heads, d_kv];
+    bias broadcastable to [batch, heads, q_len, k_len] (float32, holding the
+    relative position bias and MASK_VALUE where attention is not allowed).
+    Returns [batch, q_len, d_model].
+    """
+    dtype = _dtype(self.config.dtype)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
+    weights = jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1)
+    # [batch, heads, q_len, k_len] x [batch, k_len, heads, d_kv]
+    # -> [batch, q_len, heads, d_kv]
+    context = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(dtype), value)
+    context = context.reshape(context.shape[:2] + (-1,))
+    return jnp.dot(context, self.out().astype(dtype))
+
+
+class MlpBlock(nn.Module):
+  """T5's feed-forward block: ReLU (T5 1.0) or a gated activation (T5 1.1)."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    dtype = cfg.param_dtype
+    if cfg.gated:
+      self.wi_0 = Kernel((cfg.d_model, cfg.d_ff), cfg.d_model**-0.5, dtype)
+      self.wi_1 = Kernel((cfg.d_model, cfg.d_ff), cfg.d_model**-0.5, dtype)
+    else:
+      self.wi = Kernel((cfg.d_model, cfg.d_ff), cfg.d_model**-0.5, dtype)
+    self.wo = Kernel((cfg.d_ff, cfg.d_model), cfg.d_ff**-0.5, dtype)
+
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dtype = _dtype(cfg.dtype)
+    activation = {
+        'relu': jax.nn.relu,
+        'gelu': lambda h: jax.nn.gelu(h, approximate=True),
+        'silu': jax.nn.silu,
+    }[cfg.activation]
+    x = x.astype(dtype)
+    if cfg.gated:
+      fused = jnp.concatenate(
+          [self.wi_0().astype(dtype), self.wi_1().astype(dtype)], axis=-1)
+      # [batch, length, d_model] -> [batch, length, 2 * d_ff]
+      gate, linear = jnp.split(jnp.dot(x, fused), 2, axis=-1)
+      hidden = activation(gate) * linear
+    else:
+      hidden = activation(jnp.dot(x, self.wi().astype(dtype)))
+    # [batch, length, d_ff] -> [batch, length, d_model]
+    return jnp.dot(hidden, self.wo().astype(dtype))
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  def setup(self):
+    self.pre_attention_layer_norm = RMSNorm(self.config)
+    self.attention = MultiHeadAttention(self.config)
+    self.pre_mlp_layer_norm = RMSNorm(self.config)
+    self.mlp = MlpBlock(self.config)
+
+  def __call__(self, x: Array, bias: Array) -> Array:
+    h = self.pre_attention_layer_norm(x)
+    query, key, value = self.attention.project_qkv(h)
+    x = x + self.attention.attend(query, key, value, bias)
+    return x + self.mlp(self.pre_mlp_layer_norm(x))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.pre_self_attention_layer_norm = RMSNorm(cfg)
+    self.self_attention = MultiHeadAttention(cfg)
+    self.pre_cross_attention_layer_norm = RMSNorm(cfg)
+    self.encoder_decoder_attention = MultiHeadAttention(cfg)
+    self.pre_mlp_layer_norm = RMSNorm(cfg)
+    self.mlp = MlpBlock(cfg)
+
+  def cross_kv(self, encoded: Array) -> KeyValue:
+    key, value = self.encoder_decoder_attention.project_kv(encoded)
+    return key, value
+
+  def __call__(self, x: Array, self_bias: Array, cross: KeyValue,
+               cross_bias: Array) -> Array:
+    """Teacher-forced pass over whole target sequences."""
+    h = self.pre_self_attention_layer_norm(x)
+    query, key, value = self.self_attention.project_qkv(h)
+    x = x + self.self_attention.attend(query, key, value, self_bias)
+    return self._cross_and_mlp(x, cross, cross_bias)
+
+  def step(self, x: Array, index: Array, cache: KeyValue, self_bias: Array,
+           cross: KeyValue, cross_bias: Array) -> Tuple[Array, KeyValue]:
+    """One position per sequence: x [batch, 1, d_model] at `index`.
+
+    Writes this position's key and value into the cache and attends over the
+    cache; `self_bias` masks the positions not yet written.
+    """
+    h = self.pre_self_attention_layer_norm(x)
+    query, key, value = self.self_attention.project_qkv(h)
+    cached_key, cached_value = cache
+    start = (0, index, 0, 0)
+    cached_key = jax.lax.dynamic_update_slice(
+        cached_key, key.astype(cached_key.dtype), start)
+    cached_value = jax.lax.dynamic_update_slice(
+        cached_value, value.astype(cached_value.dtype), start)
+    x = x + self.self_attention.attend(query, cached_key, cached_value,
+                                       self_bias)
+    return self._cross_and_mlp(x, cross, cross_bias), (cached_key,
+                                                        cached_value)
+
+  def _cross_and_mlp(self, x: Array, cross: KeyValue,
+                     cross_bias: Array) -> Array:
+    h = self.pre_cross_attention_layer_norm(x)
+    query = self.encoder_decoder_attention.project_q(h)
+    x = x + self.encoder_decoder_attention.attend(query, cross[0], cross[1],
+                                                  cross_bias)
+    return x + self.mlp(self.pre_mlp_layer_norm(x))
+
+
+def _padding_bias(mask: Array) -> Array:
+  """[batch, k_len] bool (True = attend) -> [batch, 1, 1, k_len] float32."""
+  return jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)[:, None, None, :]
+
+
+class Encoder(nn.Module):
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.relpos_bias = RelativePositionBias(cfg, bidirectional=True)
+    self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers)]
+    self.encoder_norm = RMSNorm(cfg)
+
+  def __call__(self, x: Array, mask: Array) -> Array:
+    """x [batch, length, d_model] embedded inputs; mask [batch, length]."""
+    length = x.shape[1]
+    # [heads, length, length] + [batch, 1, 1, length]
+    bias = self.relpos_bias(length, length)[None] + _padding_bias(mask)
+    for layer in self.layers:
+      x = layer(x, bias)
+    return self.encoder_norm(x)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.relpos_bias = RelativePositionBias(cfg, bidirectional=False)
+    self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers)]
+    self.decoder_norm = RMSNorm(cfg)
+    if not cfg.logits_via_embedding:
+      self.logits_dense = Kernel((cfg.d_model, cfg.vocab_size), 1.0,
+                                 cfg.param_dtype)
+
+  def self_attention_bias(self, length: int) -> Array:
+    """[heads, length, length]: relative position bias plus the causal mask."""
+    causal = np.tril(np.ones((length, length), dtype=bool))
+    return self.relpos_bias(length, length) + jnp.where(causal, 0.0,
+                                                        MASK_VALUE)
+
+  def cross_kv(self, encoded: Array) -> List[KeyValue]:
+    return [layer.cross_kv(encoded) for layer in self.layers]
+
+  def logits(self, x: Array, embedding: Array) -> Array:
+    """Final norm and output projection, float32 logits [..., vocab]."""
+    x = self.decoder_norm(x)
+    if self.config.logits_via_embedding:
+      x = x * (self.config.d_model**-0.5)
+      logits = jnp.dot(x, embedding.T)
+    else:
+      logits = jnp.dot(x, self.logits_dense().astype(x.dtype))
+    return logits.astype(jnp.float32)
+
+  def __call__(self, x: Array, cross: List[KeyValue], encoder_mask: Array,
+               embedding: Array) -> Array:
+    self_bias = self.self_attention_bias(x.shape[1])[None]
+    cross_bias = _padding_bias(encoder_mask)
+    for layer, layer_cross in zip(self.layers, cross):
+      x = layer(x, self_bias, layer_cross, cross_bias)
+    return self.logits(x, embedding)
+
+  def step(self, x: Array, index: Array, cache: List[KeyValue],
+           self_bias: Array, cross: List[KeyValue], cross_bias: Array,
+           embedding: Array) -> Tuple[Array, List[KeyValue]]:
+    new_cache = []
+    for layer, layer_cache, layer_cross in zip(self.layers, cache, cross):
+      x, layer_cache = layer.step(x, index, layer_cache, self_bias,
+                                  layer_cross, cross_bias)
+      new_cache.append(layer_cache)
+    return self.logits(x, embedding), new_cache
+
+
+class Transformer(nn.Module):
+  """The T5 encoder-decoder. Token id 0 is padding in encoder inputs."""
+  config: T5Config
+
+  def setup(self):
+    self.token_embedder = Embed(self.config)
+    self.encoder = Encoder(self.config)
+    self.decoder = Decoder(self.config)
+
+  def encode(self, encoder_input_tokens: Array) -> Array:
+    """[batch, in_len] int -> [batch, in_len, d_model]."""
+    mask = encoder_input_tokens > 0
+    return self.encoder(self.token_embedder(encoder_input_tokens), mask)
+
+  def precompute_cross_kv(self, encoded: Array) -> List[KeyValue]:
+    """Every decoder layer's cross-attention keys and values, computed once."""
+    return self.decoder.cross_kv(encoded)
+
+  def __call__(self, encoder_input_tokens: Array,
+               decoder_input_tokens: Array) -> Array:
+    """Teacher-forced logits [batch, target_len, vocab], float32."""
+    encoded = self.encode(encoder_input_tokens)
+    cross = self.precompute_cross_kv(encoded)
+    embedded = self.token_embedder(decoder_input_tokens)
+    return self.decoder(embedded, cross, encoder_input_tokens > 0,
+                        self.token_embedder.table())
+
+  def decoder_self_bias(self, length: int) -> Array:
+    return self.decoder.self_attention_bias(length)
+
+  def decode_step(self, tokens: Array, index: Array, cache: List[KeyValue],
+                  self_bias_table: Array, cross: List[KeyValue],
+                  encoder_mask: Array) -> Tuple[Array, List[KeyValue]]:
+    """Logits [batch, vocab] for `tokens` [batch] placed at position `index`.
+
+    self_bias_table is `decoder_self_bias(cache_length)`, computed once per
+    batch; this step slices out its row for `index`.
+    """
+    x = self.token_embedder(tokens[:, None])  # [batch, 1, d_model]
+    heads, length, _ = self_bias_table.shape
+    row = jax.lax.dynamic_slice(self_bias_table, (0, index, 0),
+                                (heads, 1, length))
+    logits, cache = self.decoder.step(x, index, cache, row[None], cross,
+                                      _padding_bias(encoder_mask),
+                                      self.token_embedder.table())
+    return logits[:, 0, :], cache
+
+  def init_cache(self, batch_size: int, length: int) -> List[KeyValue]:
+    cfg = self.config
+    shape = (batch_size, length, cfg.num_heads, cfg.d_kv)
+    dtype = _dtype(cfg.dtype)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+            for _ in range(cfg.num_decoder_layers)]
+
+
+def init_params(config: T5Config, seed: int = 0):
+  """Random parameters of `config`'s network (the `params` collection)."""
+  module = Transformer(config)
+  tokens = jnp.ones((1, 2), jnp.int32)
+  variables = jax.jit(module.init)(jax.random.PRNGKey(seed), tokens, tokens)
+  return variables['params']

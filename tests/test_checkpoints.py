@@ -1,0 +1,143 @@
+"""Checkpoint readers: formats written by their owning libraries, one set of
+weights, identical predictions; clear errors for everything else."""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from model import checkpoints
+from model.checkpoints import CheckpointError
+from model.config import T5Config
+from model.inference import InferenceModel
+from tests import reference as ref
+
+CONFIG = T5Config(vocab_size=256, d_model=32, num_heads=2, d_kv=8, d_ff=64,
+                  num_encoder_layers=2, num_decoder_layers=2,
+                  feed_forward='gated-gelu', logits_via_embedding=False,
+                  relative_attention_num_buckets=8,
+                  relative_attention_max_distance=16)
+
+
+@pytest.fixture(scope='module')
+def reference_model():
+  return ref.make_reference(CONFIG, seed=3, eos_boost=0.3)
+
+
+@pytest.fixture(scope='module')
+def hf_dir(reference_model, tmp_path_factory):
+  path = tmp_path_factory.mktemp('hf')
+  reference_model.save_pretrained(path)
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def encoder_tokens():
+  return ref.random_inputs(np.random.default_rng(0), 16, 20, CONFIG.vocab_size)
+
+
+def _predict(model, encoder_tokens):
+  return model.predict_batch({'encoder_input_tokens': encoder_tokens},
+                             max_length=10, return_scores=True)
+
+
+def test_detects_huggingface_and_orbax(hf_dir, tmp_path):
+  assert checkpoints.detect_format(hf_dir) == 'huggingface'
+  config, params = checkpoints.load_checkpoint(hf_dir)
+  checkpoints.save_orbax(str(tmp_path / 'orbax'), config, params)
+  assert checkpoints.detect_format(str(tmp_path / 'orbax')) == 'orbax'
+
+
+def test_sharded_safetensors_give_identical_predictions(reference_model,
+                                                        hf_dir, tmp_path,
+                                                        encoder_tokens):
+  sharded = tmp_path / 'sharded'
+  reference_model.save_pretrained(sharded, max_shard_size='100KB')
+  index = json.loads((sharded / 'model.safetensors.index.json').read_text())
+  assert len(set(index['weight_map'].values())) > 1
+  assert not (sharded / 'model.safetensors').exists()
+  single = _predict(InferenceModel.load(hf_dir), encoder_tokens)
+  multi = _predict(InferenceModel.load(str(sharded)), encoder_tokens)
+  np.testing.assert_array_equal(single[0], multi[0])
+  np.testing.assert_array_equal(single[1], multi[1])
+
+
+def test_orbax_round_trip_gives_identical_predictions(hf_dir, tmp_path,
+                                                      encoder_tokens):
+  config, params = checkpoints.load_checkpoint(hf_dir)
+  checkpoints.save_orbax(str(tmp_path / 'ckpt'), config, params)
+  restored_config, restored = checkpoints.load_checkpoint(
+      str(tmp_path / 'ckpt'))
+  assert restored_config == config
+  flat, restored_flat = (checkpoints.flatten(params),
+                         checkpoints.flatten(restored))
+  assert flat.keys() == restored_flat.keys()
+  for name in flat:
+    np.testing.assert_array_equal(flat[name], restored_flat[name])
+  before = _predict(InferenceModel(config, params), encoder_tokens)
+  after = _predict(InferenceModel.load(str(tmp_path / 'ckpt')),
+                   encoder_tokens)
+  np.testing.assert_array_equal(before[0], after[0])
+  np.testing.assert_array_equal(before[1], after[1])
+
+
+def test_restore_casts_to_the_asked_dtype(hf_dir):
+  config, params = checkpoints.load_checkpoint(hf_dir, dtype='bfloat16')
+  dtypes = {a.dtype for a in checkpoints.flatten(params).values()}
+  assert dtypes == {np.dtype(ml_dtypes.bfloat16)}
+  assert config.param_dtype == 'bfloat16'
+  model = InferenceModel.load(hf_dir, dtype='bfloat16')
+  assert model.config.dtype == 'bfloat16'
+  tokens = model.predict_batch(
+      {'encoder_input_tokens': np.full((2, 5), 7, np.int32)}, max_length=4)
+  assert tokens.shape == (2, 4)
+
+
+def test_reads_bfloat16_safetensors(reference_model, tmp_path):
+  reference_model.to(torch.bfloat16).save_pretrained(tmp_path / 'bf16')
+  reference_model.to(torch.float32)
+  _, params = checkpoints.load_checkpoint(str(tmp_path / 'bf16'), dtype=None)
+  embedding = params['token_embedder']['embedding']
+  assert embedding.dtype == np.dtype(ml_dtypes.bfloat16)
+  expected = reference_model.shared.weight.detach().to(torch.bfloat16).float()
+  np.testing.assert_array_equal(embedding.astype(np.float32),
+                                expected.numpy())
+
+
+def test_missing_path_names_it_and_the_formats(tmp_path):
+  missing = str(tmp_path / 'nope')
+  with pytest.raises(CheckpointError, match='not found') as error:
+    checkpoints.load_checkpoint(missing)
+  assert missing in str(error.value) and 'safetensors' in str(error.value)
+
+
+def test_directory_without_checkpoint_is_refused(tmp_path):
+  (tmp_path / 'notes.txt').write_text('hello')
+  with pytest.raises(CheckpointError, match='no recognised checkpoint') as e:
+    checkpoints.load_checkpoint(str(tmp_path))
+  assert 'Orbax' in str(e.value) and 'config.json' in str(e.value)
+
+
+def test_pytorch_bin_is_refused_not_unpickled(reference_model, tmp_path):
+  reference_model.config.save_pretrained(tmp_path)
+  torch.save(reference_model.state_dict(), tmp_path / 'pytorch_model.bin')
+  with pytest.raises(CheckpointError, match='convert it to safetensors'):
+    checkpoints.load_checkpoint(str(tmp_path))
+
+
+def test_config_that_does_not_match_the_checkpoint_is_named(hf_dir):
+  with pytest.raises(CheckpointError, match='d_ff: model config 128'):
+    checkpoints.load_checkpoint(hf_dir, config=CONFIG.replace(d_ff=128))
+
+
+def test_orbax_shape_mismatch_names_the_parameter(hf_dir, tmp_path):
+  config, params = checkpoints.load_checkpoint(hf_dir)
+  path = str(tmp_path / 'ckpt')
+  checkpoints.save_orbax(path, config, params)
+  os.remove(os.path.join(path, checkpoints.CONFIG_FILE))
+  with pytest.raises(CheckpointError,
+                     match="'encoder/layers_0/mlp/wi_0/kernel' .* shape"):
+    checkpoints.load_checkpoint(path, config=config.replace(d_ff=48))
