@@ -341,6 +341,14 @@ def read_huggingface(path: str) -> Tuple[T5Config, Params]:
   tensors: Dict[str, np.ndarray] = {}
   for name in files:
     tensors.update(read_safetensors(_join(path, name)))
+  return config, params_from_huggingface(config, tensors, source=path)
+
+
+def params_from_huggingface(config: T5Config,
+                            tensors: Mapping[str, np.ndarray],
+                            source: str = 'state dict') -> Params:
+  """Our parameter tree from Hugging Face T5 tensors (name -> array)."""
+  tensors = dict(tensors)
   if 'shared.weight' not in tensors:
     # Deduplicating writers may keep only one name of the tied embedding.
     for alias in ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight'):
@@ -351,8 +359,8 @@ def read_huggingface(path: str) -> Tuple[T5Config, Params]:
     head = tensors.get('lm_head.weight')
     if head is not None and not np.array_equal(head, tensors['shared.weight']):
       raise CheckpointError(
-          f'Hugging Face checkpoint {path!r} scales decoder outputs (a T5 1.0 '
-          'model) but its lm_head.weight differs from shared.weight; set '
+          f'Hugging Face checkpoint {source!r} scales decoder outputs (a T5 '
+          '1.0 model) but its lm_head.weight differs from shared.weight; set '
           '"tie_word_embeddings": false in config.json if the model has a '
           'separate output layer')
   elif 'lm_head.weight' not in tensors and 'shared.weight' in tensors:
@@ -362,11 +370,11 @@ def read_huggingface(path: str) -> Tuple[T5Config, Params]:
   for ours, theirs, transpose in _huggingface_names(config):
     if theirs not in tensors:
       raise CheckpointError(
-          f'Hugging Face checkpoint {path!r} lacks tensor {theirs!r} (for '
+          f'Hugging Face checkpoint {source!r} lacks tensor {theirs!r} (for '
           f'{ours!r}); is config.json the one saved with these weights?')
     value = tensors[theirs]
     flat[ours] = np.ascontiguousarray(value.T if transpose else value)
-  return config, unflatten(flat)
+  return unflatten(flat)
 
 
 # --- Orbax --------------------------------------------------------------------

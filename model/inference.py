@@ -21,7 +21,7 @@ import numpy as np
 
 from model import checkpoints, decoding
 from model.config import T5Config
-from model.network import Transformer
+from model.network import Transformer, prepare_variables
 
 Batch = Mapping[str, np.ndarray]
 
@@ -33,7 +33,9 @@ class InferenceModel:
     self.config = config
     self.module = Transformer(config)
     checkpoints.check_shapes(config, params, source='the given parameters')
-    self.params = jax.device_put(params)
+    # Only the prepared variables are kept: fused kernels replace the
+    # kernels they were made from, so memory stays that of the checkpoint.
+    self.variables = prepare_variables(self.module, jax.device_put(params))
     self._predict = jax.jit(
         functools.partial(decoding.greedy_decode, self.module),
         static_argnames=('max_length', 'eos_id', 'return_scores'))
@@ -73,7 +75,7 @@ class InferenceModel:
                          "'decoder_input_tokens' feature to size the output")
       max_length = batch['decoder_input_tokens'].shape[1]
     tokens, scores = self._predict(
-        self.params, np.asarray(batch['encoder_input_tokens'], np.int32),
+        self.variables, np.asarray(batch['encoder_input_tokens'], np.int32),
         max_length=max_length,
         eos_id=self.config.eos_id if stop_at_eos else None,
         return_scores=return_scores)
@@ -92,7 +94,7 @@ class InferenceModel:
     if weights is None:
       weights = targets > 0
     token_scores = np.asarray(self._score(
-        self.params, np.asarray(batch['encoder_input_tokens'], np.int32),
+        self.variables, np.asarray(batch['encoder_input_tokens'], np.int32),
         np.asarray(batch['decoder_input_tokens'], np.int32), targets,
         np.asarray(weights)))
     scores = token_scores.sum(axis=-1)

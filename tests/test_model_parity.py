@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers.models.t5 import modeling_t5
 
+from model import checkpoints
 from model.config import T5Config
 from model.inference import InferenceModel
 from model.network import relative_position_buckets
@@ -70,7 +71,7 @@ def test_encoder_outputs_match(pair, inputs):
   hf, ours, _, _ = pair
   encoder, _, _ = inputs
   expected = ref.hf_encoder_output(hf, encoder)
-  actual = np.asarray(ours.module.apply({'params': ours.params}, encoder,
+  actual = np.asarray(ours.module.apply(ours.variables, encoder,
                                         method='encode'))
   real = encoder > 0  # padded positions are not defined outputs
   np.testing.assert_allclose(actual[real], expected[real], atol=1e-4, rtol=0)
@@ -80,7 +81,7 @@ def test_decoder_logits_match(pair, inputs):
   hf, ours, _, _ = pair
   encoder, decoder_inputs, _ = inputs
   expected = ref.hf_logits(hf, encoder, decoder_inputs)
-  actual = np.asarray(ours.module.apply({'params': ours.params}, encoder,
+  actual = np.asarray(ours.module.apply(ours.variables, encoder,
                                         decoder_inputs))
   np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=0)
 
@@ -161,3 +162,22 @@ def test_relative_position_buckets_match_transformers(bidirectional,
       offsets, bidirectional=bidirectional, num_buckets=num_buckets,
       max_distance=max_distance).numpy()
   np.testing.assert_array_equal(ours, theirs)
+
+
+def test_prepared_variables_compute_what_the_plain_params_do(pair, inputs,
+                                                             tmp_path):
+  hf, ours, config, _ = pair
+  encoder, decoder_inputs, _ = inputs
+  hf.save_pretrained(tmp_path)
+  _, params = checkpoints.load_checkpoint(str(tmp_path))
+  plain = ours.module.apply({'params': params}, encoder, decoder_inputs)
+  prepared = ours.module.apply(ours.variables, encoder, decoder_inputs)
+  np.testing.assert_allclose(np.asarray(prepared), np.asarray(plain),
+                             atol=1e-5, rtol=0)
+  # The fused kernels replaced the ones they were made from.
+  self_attention = ours.variables['params']['decoder']['layers_0'][
+      'self_attention']
+  assert set(self_attention) == {'out'}
+  cross = ours.variables['params']['decoder']['layers_0'][
+      'encoder_decoder_attention']
+  assert set(cross) == {'query', 'out'}

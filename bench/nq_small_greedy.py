@@ -1,0 +1,96 @@
+"""Benchmark "nq-small-greedy": the model core against transformers' generate.
+
+T5 1.1 small (d_model 512, 6 heads, d_kv 64, d_ff 1024, 8+8 layers, vocab
+32128), random weights shared by both sides, 1024 examples of 38 input
+tokens, exactly 18 decoded tokens each (EOS suppressed), float32, greedy.
+Both sides run in this process on the same threads; the printed ratio is
+ours / transformers at each batch size. Not a test: run it by hand.
+
+    .venv/bin/python bench/nq_small_greedy.py [--examples 1024] [--batch_sizes 32,128]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import torch
+
+from model import checkpoints, config as config_lib
+from model.inference import InferenceModel
+from tests import reference
+
+INPUT_LENGTH = 38
+DECODE_LENGTH = 18
+
+
+def time_ours(model, inputs, batch_size):
+  """(examples/s over all batches after the first, seconds of the first)."""
+  start = time.perf_counter()
+  first = model.predict_batch({'encoder_input_tokens': inputs[:batch_size]},
+                              max_length=DECODE_LENGTH, stop_at_eos=False)
+  first_seconds = time.perf_counter() - start
+  outputs = [first]
+  start = time.perf_counter()
+  for begin in range(batch_size, len(inputs), batch_size):
+    outputs.append(model.predict_batch(
+        {'encoder_input_tokens': inputs[begin:begin + batch_size]},
+        max_length=DECODE_LENGTH, stop_at_eos=False))
+  seconds = time.perf_counter() - start
+  return (len(inputs) - batch_size) / seconds, first_seconds, np.concatenate(
+      outputs)
+
+
+def time_transformers(hf_model, inputs, batch_size):
+  """examples/s of greedy generate with its KV cache, first batch excluded."""
+  outputs = []
+  start = None
+  for begin in range(0, len(inputs), batch_size):
+    if begin == batch_size:
+      start = time.perf_counter()
+    ids = torch.from_numpy(inputs[begin:begin + batch_size].astype(np.int64))
+    with torch.no_grad():
+      out = hf_model.generate(input_ids=ids, attention_mask=ids > 0,
+                              do_sample=False, num_beams=1, use_cache=True,
+                              max_new_tokens=DECODE_LENGTH,
+                              min_new_tokens=DECODE_LENGTH)
+    outputs.append(out[:, 1:].numpy())
+  seconds = time.perf_counter() - start
+  return (len(inputs) - batch_size) / seconds, np.concatenate(outputs)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--examples', type=int, default=1024)
+  parser.add_argument('--batch_sizes', default='32,128')
+  parser.add_argument('--skip_transformers', action='store_true')
+  args = parser.parse_args()
+
+  config = config_lib.preset('t5_1_1_small')
+  hf_model = reference.make_reference(config, seed=0)
+  tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+  params = checkpoints.params_from_huggingface(config, tensors)
+  model = InferenceModel(config, params)
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(2, config.vocab_size,
+                        size=(args.examples, INPUT_LENGTH)).astype(np.int32)
+  print(f'nq-small-greedy: {args.examples} examples, {INPUT_LENGTH} input '
+        f'tokens, {DECODE_LENGTH} decoded, float32; torch threads '
+        f'{torch.get_num_threads()}, cpus {os.cpu_count()}')
+  for batch_size in [int(b) for b in args.batch_sizes.split(',')]:
+    ours, first_seconds, our_tokens = time_ours(model, inputs, batch_size)
+    line = (f'batch {batch_size:4d}: t5beam {ours:6.1f} ex/s (first batch '
+            f'incl. compile {first_seconds:.1f} s)')
+    if not args.skip_transformers:
+      theirs, their_tokens = time_transformers(hf_model, inputs, batch_size)
+      agree = (our_tokens == their_tokens).all(axis=1).mean()
+      line += (f'  transformers {theirs:6.1f} ex/s  ratio {ours / theirs:.2f}x'
+               f'  (identical decodes: {agree:.1%})')
+    print(line, flush=True)
+
+
+if __name__ == '__main__':
+  main()
