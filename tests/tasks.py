@@ -1,0 +1,63 @@
+"""SeqIO tasks for the pipeline tests, over TSV files the tests write.
+
+The data directory comes from T5BEAM_TEST_DATA (set by the tests before
+this module is imported, and inherited by Beam's worker processes). Byte
+vocabularies need no vocabulary files.
+"""
+
+import functools
+import os
+
+import seqio
+import tensorflow as tf
+
+DATA_DIR = os.environ.get('T5BEAM_TEST_DATA', '/nonexistent')
+VOCABULARY = seqio.ByteVocabulary()
+OUTPUT_FEATURES = {
+    'inputs': seqio.Feature(VOCABULARY, add_eos=True),
+    'targets': seqio.Feature(VOCABULARY, add_eos=True),
+}
+
+
+@seqio.map_over_dataset
+def parse_tsv(line):
+  inputs, targets = tf.io.decode_csv(line, record_defaults=['', ''],
+                                     field_delim='\t', use_quote_delim=False)
+  return {'inputs': inputs, 'targets': targets}
+
+
+def _register(name: str, pattern: str):
+  if name in seqio.TaskRegistry.names():
+    return
+  seqio.TaskRegistry.add(
+      name,
+      source=seqio.TextLineDataSource(
+          {'test': os.path.join(DATA_DIR, pattern)}),
+      preprocessors=[parse_tsv, seqio.preprocessors.tokenize,
+                     seqio.preprocessors.append_eos_after_trim],
+      output_features=OUTPUT_FEATURES)
+
+
+# Two files: two input shards by default.
+_register('t5beam_test_two_files', 'two-*.tsv')
+_register('t5beam_test_one_file', 'one.tsv')
+_register('t5beam_test_empty', 'empty.tsv')
+if 't5beam_test_mixture' not in seqio.MixtureRegistry.names():
+  seqio.MixtureRegistry.add('t5beam_test_mixture',
+                            ['t5beam_test_two_files', 't5beam_test_one_file'],
+                            default_rate=1.0)
+
+
+def write_data(directory: str):
+  """Writes the files the tasks read: deterministic lines of varied length."""
+  def lines(prefix, count):
+    return ''.join(f'{prefix} {i} ' + 'x' * (i % 7) + f'\t{i % 10}\n'
+                   for i in range(count))
+  with open(os.path.join(directory, 'two-00000.tsv'), 'w') as f:
+    f.write(lines('first file', 21))
+  with open(os.path.join(directory, 'two-00001.tsv'), 'w') as f:
+    f.write(lines('second file', 13))
+  with open(os.path.join(directory, 'one.tsv'), 'w') as f:
+    f.write(lines('only file', 11))
+  with open(os.path.join(directory, 'empty.tsv'), 'w') as f:
+    f.write('')

@@ -1,0 +1,227 @@
+"""The Beam pipeline on real DirectRunner runs over real SeqIO tasks."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from tests import pipeline_helpers as helpers
+
+IN_MEMORY = ['--runner=FnApiRunner']
+MULTI_PROCESS = ['--runner=FnApiRunner',
+                 '--direct_running_mode=multi_processing',
+                 '--direct_num_workers=2']
+TWO_FILES = 't5beam_test_two_files'  # 21 + 13 examples in two files
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  data = tmp_path_factory.mktemp('data')
+  helpers.prepare_environment(str(data))
+  from model import checkpoints, network  # pylint: disable=g-import-not-at-top
+  from model.config import T5Config  # pylint: disable=g-import-not-at-top
+  config = T5Config(vocab_size=260, d_model=32, num_heads=2, d_kv=8, d_ff=64,
+                    num_encoder_layers=2, num_decoder_layers=2)
+  checkpoint = str(tmp_path_factory.mktemp('ckpt') / 'model')
+  checkpoints.save_orbax(checkpoint, config, network.init_params(config, 5))
+  return {'checkpoint': checkpoint, 'tmp': tmp_path_factory}
+
+
+def make_config(env, output_dir, **overrides):
+  from pipeline.config import InferConfig  # pylint: disable=g-import-not-at-top
+  settings = dict(mixture_or_task_name=TWO_FILES,
+                  task_feature_lengths={'inputs': 24, 'targets': 8},
+                  checkpoint_path=env['checkpoint'],
+                  output_dir=str(output_dir),
+                  mixture_or_task_module='tests.tasks', batch_size=4,
+                  checkpoint_period=2)
+  settings.update(overrides)
+  return InferConfig(**settings)
+
+
+def run(config, options=IN_MEMORY):
+  from pipeline.run import run_inference  # pylint: disable=g-import-not-at-top
+  return run_inference(config, PipelineOptions(options))
+
+
+@pytest.fixture(scope='module')
+def reference_run(env):
+  """One uninterrupted in-memory run of the two-file task."""
+  output = env['tmp'].mktemp('reference')
+  result = run(make_config(env, output))
+  return output, result
+
+
+def test_one_worker_and_two_processes_give_identical_files(env, reference_run):
+  reference_dir, reference = reference_run
+  assert reference.counters['model_loads'] == 1
+  output = env['tmp'].mktemp('multi')
+  result = run(make_config(env, output), MULTI_PROCESS)
+  assert helpers.output_files(output) == helpers.output_files(reference_dir)
+  assert result.counters['chunks_inferred'] == 5
+  # Once per worker process, not per chunk, bundle or thread.
+  assert 1 <= result.counters['model_loads'] <= 2
+
+
+def test_records_follow_input_order_and_match_predict_batch(env,
+                                                           reference_run):
+  import seqio  # pylint: disable=g-import-not-at-top
+  from model.inference import InferenceModel  # pylint: disable=g-import-not-at-top
+  output, result = reference_run
+  records = helpers.read_records(
+      os.path.join(output, f'{TWO_FILES}-predict.jsonl-00000-of-00001'))
+  task = seqio.get_mixture_or_task(TWO_FILES)
+  lengths = {'inputs': 24, 'targets': 8}
+  expected_inputs, model_batches = [], []
+  for shard in range(2):  # one input shard per file, in file order
+    ds = task.get_dataset(lengths, split='test', shuffle=False,
+                          shard_info=seqio.ShardInfo(shard, 2))
+    expected_inputs += [ex['inputs_pretokenized'].decode()
+                        for ex in ds.as_numpy_iterator()]
+    model_ds = seqio.EncDecFeatureConverter(pack=False)(ds, lengths)
+    model_batches += list(model_ds.as_numpy_iterator())
+  assert [r['inputs']['inputs_pretokenized'] for r in records] == (
+      expected_inputs)
+  assert expected_inputs[0].startswith('first file 0')
+  assert expected_inputs[21].startswith('second file 0')
+  model = InferenceModel.load(env['checkpoint'])
+  batch = {k: np.stack([ex[k] for ex in model_batches])
+           for k in model_batches[0]}
+  tokens = model.predict_batch(batch)
+  vocabulary = task.output_features['targets'].vocabulary
+  assert [r['prediction'] for r in records] == [
+      vocabulary.decode([t for t in row.tolist() if t]) for row in tokens]
+  assert result.manifests[TWO_FILES]['records'] == 34
+
+
+def test_manifest_and_markers_describe_the_outputs(reference_run):
+  output, _ = reference_run
+  name = f'{TWO_FILES}-predict.jsonl-00000-of-00001'
+  manifest = json.loads(
+      (output / f'{TWO_FILES}-predict.manifest.json').read_text())
+  data = (output / name).read_bytes()
+  assert manifest['files'] == [{
+      'index': 0, 'name': name, 'records': 34, 'bytes': len(data),
+      'sha256': __import__('hashlib').sha256(data).hexdigest()}]
+  assert manifest['settings']['split'] == 'test'
+  assert manifest['this_run']['examples_inferred'] == 34
+  assert manifest['this_run']['examples_per_second'] > 0
+  assert (output / f'{name}.COMPLETED').exists()
+  assert not (output / f'tmp-{TWO_FILES}-predict').exists()
+
+
+def test_finished_output_returns_without_loading_the_model(env, reference_run):
+  output, _ = reference_run
+  before = helpers.output_files(output)
+  result = run(make_config(env, output))
+  assert result.status == 'already_complete'
+  assert result.counters == {}
+  assert helpers.output_files(output) == before
+
+
+def test_different_run_is_refused_and_overwrite_replaces_it(env):
+  from pipeline.plan import PlanError  # pylint: disable=g-import-not-at-top
+  output = env['tmp'].mktemp('refuse')
+  run(make_config(env, output, mixture_or_task_name='t5beam_test_one_file'))
+  before = helpers.output_files(output)
+  with pytest.raises(PlanError, match=r"holds a different run.*split: "
+                     r"'test' -> 'train'.*infer.overwrite"):
+    run(make_config(env, output, mixture_or_task_name='t5beam_test_one_file',
+                    split='train'))
+  assert helpers.output_files(output) == before
+  result = run(make_config(env, output, output_ids=True,
+                           mixture_or_task_name='t5beam_test_one_file',
+                           overwrite=True))
+  assert result.status == 'completed'
+  records = helpers.read_records(
+      output / 't5beam_test_one_file-predict.jsonl-00000-of-00001')
+  assert len(records) == 11 and 'prediction_tokens' in records[0]
+
+
+def test_output_shards_split_the_records_in_order(env, reference_run):
+  reference_dir, _ = reference_run
+  output = env['tmp'].mktemp('sharded')
+  result = run(make_config(env, output, num_output_shards=3))
+  names = [f'{TWO_FILES}-predict.jsonl-{i:05d}-of-00003' for i in range(3)]
+  parts = [(output / n).read_bytes() for n in names]
+  whole = (reference_dir /
+           f'{TWO_FILES}-predict.jsonl-00000-of-00001').read_bytes()
+  assert b''.join(parts) == whole
+  assert [f['records'] for f in result.manifests[TWO_FILES]['files']] == [
+      11, 11, 12]
+
+
+def test_mixture_gives_one_output_set_per_sub_task(env):
+  output = env['tmp'].mktemp('mixture')
+  result = run(make_config(env, output,
+                           mixture_or_task_name='t5beam_test_mixture'))
+  assert sorted(result.manifests) == ['t5beam_test_one_file', TWO_FILES]
+  assert len(helpers.read_records(
+      output / 't5beam_test_one_file-predict.jsonl-00000-of-00001')) == 11
+  assert len(helpers.read_records(
+      output / f'{TWO_FILES}-predict.jsonl-00000-of-00001')) == 34
+
+
+def test_empty_split_gives_an_empty_output_with_a_warning(env, caplog):
+  output = env['tmp'].mktemp('empty')
+  with caplog.at_level(logging.WARNING):
+    result = run(make_config(env, output,
+                             mixture_or_task_name='t5beam_test_empty'))
+  assert (output / 't5beam_test_empty-predict.jsonl-00000-of-00001'
+          ).read_bytes() == b''
+  assert result.manifests['t5beam_test_empty']['records'] == 0
+  assert (output / 't5beam_test_empty-predict.jsonl-00000-of-00001.COMPLETED'
+          ).exists()
+  assert 'has no examples' in caplog.text
+
+
+def test_a_fault_retried_by_beam_loses_and_duplicates_nothing(
+    env, reference_run, tmp_path, monkeypatch):
+  from pipeline import transforms  # pylint: disable=g-import-not-at-top
+  reference_dir, _ = reference_run
+  marker = tmp_path / 'fault-fired'
+  monkeypatch.setenv(transforms.FAULT_ONCE_ENV,
+                     f'{TWO_FILES}:0:1={marker}')
+  output = tmp_path / 'out'
+  result = run(make_config(env, output), ['--runner=BundleBasedDirectRunner'])
+  assert marker.exists()  # the fault fired, and Beam retried the bundle
+  assert helpers.output_files(output) == helpers.output_files(reference_dir)
+  assert result.manifests[TWO_FILES]['records'] == 34
+
+
+def test_killed_run_resumes_to_identical_files_inferring_only_the_rest(
+    env, reference_run, tmp_path):
+  from pipeline import plan  # pylint: disable=g-import-not-at-top
+  reference_dir, _ = reference_run
+  output = tmp_path / 'out'
+  config = make_config(env, output, batch_size=1, checkpoint_period=2)
+  settings = {k: v for k, v in config.__dict__.items()}
+  command = helpers.run_script_command(settings, IN_MEMORY)
+  chunk_dir = plan.layout(config, TWO_FILES).chunk_dir
+  child = subprocess.Popen(command, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 300
+    finished = set()
+    while time.time() < deadline and not finished:
+      finished = plan.finished_chunks(plan.layout(config, TWO_FILES), 2)
+      time.sleep(0.005)
+  finally:
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+  finished = plan.finished_chunks(plan.layout(config, TWO_FILES), 2)
+  total_chunks = 11 + 7  # 21 and 13 examples, 2 per chunk
+  assert 1 <= len(finished) < total_chunks, (
+      f'the kill came too late to test resuming: {len(finished)} chunks')
+  assert not (output / f'{TWO_FILES}-predict.jsonl-00000-of-00001').exists()
+  assert os.path.isdir(chunk_dir)
+  result = run(config)
+  assert result.counters['chunks_inferred'] == total_chunks - len(finished)
+  assert result.counters['chunks_skipped'] == len(finished)
+  assert helpers.output_files(output) == helpers.output_files(reference_dir)
