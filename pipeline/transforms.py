@@ -170,25 +170,51 @@ class ReadShard(beam.DoFn):
 
 
 class _LoadedModel:
-  """The model and vocabularies one worker process shares across threads."""
+  """The model one worker process shares across its threads."""
 
-  def __init__(self, model):
+  def __init__(self, model, load_seconds: float, compile_seconds: float):
     self.model = model
     self.pid = os.getpid()
+    self.load_seconds = load_seconds
+    self.compile_seconds = compile_seconds
     self.lock = threading.Lock()
     self.load_reported = False
 
 
+def warm_up_batch(config: InferConfig) -> Dict[str, np.ndarray]:
+  """A batch of the one shape every chunk uses (for compiling up front)."""
+  batch, inputs, targets = (config.batch_size,
+                            config.task_feature_lengths['inputs'],
+                            config.task_feature_lengths['targets'])
+  tokens = np.ones((batch, targets), np.int32)
+  return {'encoder_input_tokens': np.ones((batch, inputs), np.int32),
+          'decoder_input_tokens': tokens, 'decoder_target_tokens': tokens,
+          'decoder_loss_weights': tokens}
+
+
+def run_model(model, config: InferConfig, batch) -> Dict[str, np.ndarray]:
+  """{'tokens', 'scores'} for predict modes, {'scores'} for score mode."""
+  if config.mode in ('predict', 'predict_with_aux'):
+    tokens, scores = model.predict_batch(batch, return_scores=True)
+    return {'tokens': tokens, 'scores': scores}
+  return {'scores': model.score_batch(batch)}
+
+
 def load_model(config: InferConfig):
-  """Loads the checkpoint named by `config` (called once per process)."""
+  """Loads the checkpoint named by `config` and compiles the batch shape
+  (called once per worker process)."""
   from model.inference import InferenceModel  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   model = InferenceModel.load(config.checkpoint_path, config.model_config,
                               dtype=config.restore_dtype,
                               activation_dtype=config.activation_dtype)
-  logging.info('t5beam: model loaded in process %d in %.1f s', os.getpid(),
-               time.perf_counter() - start)
-  return _LoadedModel(model)
+  loaded = time.perf_counter()
+  run_model(model, config, warm_up_batch(config))
+  compiled = time.perf_counter()
+  logging.info('t5beam: process %d loaded the model in %.1f s and compiled '
+               'batch shape %d in %.1f s', os.getpid(), loaded - start,
+               config.batch_size, compiled - loaded)
+  return _LoadedModel(model, loaded - start, compiled - loaded)
 
 
 def _batches(examples: List[Tuple[int, Dict, Dict]], batch_size: int):
@@ -238,6 +264,8 @@ class InferChunk(beam.DoFn):
       if not self._loaded.load_reported:
         self._loaded.load_reported = True
         _counter('model_loads').inc()
+        _counter('startup_milliseconds').inc(int(
+            1000 * (self._loaded.load_seconds + self._loaded.compile_seconds)))
     examples = sorted(examples, key=lambda e: e[0])
     path = plan.layout(config, task_name).chunk_path(
         shard, self._num_shards[task_name], chunk)
@@ -270,12 +298,8 @@ class InferChunk(beam.DoFn):
     decoded_tokens = 0
     for batch, real in _batches(examples, config.batch_size):
       batch_examples = examples[len(lines):len(lines) + real]
-      outputs: Dict[str, np.ndarray] = {}
-      if config.mode in ('predict', 'predict_with_aux'):
-        tokens, scores = model.predict_batch(batch, return_scores=True)
-        outputs['tokens'], outputs['scores'] = tokens[:real], scores[:real]
-      else:
-        outputs['scores'] = model.score_batch(batch)[:real]
+      outputs = {k: v[:real] for k, v in run_model(model, config,
+                                                      batch).items()}
       _maybe_inject_fault(*chunk_key)
       for i, (_, inputs, _) in enumerate(batch_examples):
         record = {'inputs': inputs}
