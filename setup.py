@@ -8,7 +8,15 @@ setuptools.setup(
     version='0.1.0',
     description='Batch inference of T5-family JAX/Flax models over SeqIO '
                 'tasks as an Apache Beam pipeline',
-    packages=['model', 'pipeline', 'launch'],
+    packages=['model', 'pipeline', 'launch', 'launch.demo'],
+    package_data={
+        'launch': ['configs/*/*.gin'],
+        'launch.demo': ['data/*.tsv', 'checkpoint/*', 'checkpoint/*/*',
+                        'checkpoint/*/*/*'],
+    },
+    entry_points={
+        'console_scripts': ['t5beam-infer = launch.infer:main'],
+    },
     python_requires='>=3.10',
     install_requires=[
         'apache-beam==2.77.0',

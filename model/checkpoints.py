@@ -81,6 +81,23 @@ def detect_format(path: str) -> str:
       f'{FORMATS_LOOKED_FOR}')
 
 
+def read_config(path: str) -> Optional[T5Config]:
+  """The architecture stored with the checkpoint, without reading weights
+  (None for an Orbax checkpoint saved without t5_config.json)."""
+  fmt = detect_format(path)
+  if fmt == 'huggingface':
+    return config_from_huggingface(_read_json(_join(path, 'config.json')))
+  config_path = _join(path, CONFIG_FILE)
+  if _exists(config_path):
+    return T5Config.from_dict(_read_json(config_path))
+  return None
+
+
+def check_architecture(path: str, given: T5Config, stored: T5Config):
+  """CheckpointError listing every architecture field that differs."""
+  _check_architecture(path, given, stored)
+
+
 def load_checkpoint(path: str, config: Optional[T5Config] = None,
                     dtype: Optional[str] = 'float32'
                     ) -> Tuple[T5Config, Params]:

@@ -6,6 +6,7 @@ sub-task):
 
     t5beam-run.json                          the run's fingerprint, first
     tmp-{task}-{mode}/chunk-{S}-of-{N}-{C}.jsonl   finished chunks
+    tmp-{task}-{mode}/count-{S}-of-{N}.json        examples per input shard
     {task}-{mode}.jsonl-{i:05d}-of-{n:05d}   merged records, input order
     {task}-{mode}.manifest.json              counts, checksums, fingerprint
     {task}-{mode}.jsonl-{i:05d}-of-{n:05d}.COMPLETED   markers, last
@@ -53,6 +54,11 @@ class TaskLayout:
 
   def chunk_path(self, shard: int, num_shards: int, chunk: int) -> str:
     return files.join(self.chunk_dir, self.chunk_name(shard, num_shards, chunk))
+
+  def count_path(self, shard: int, num_shards: int) -> str:
+    """Written by the reader: the number of examples in one input shard."""
+    return files.join(self.chunk_dir,
+                      f'count-{shard:05d}-of-{num_shards:05d}.json')
 
   def output_name(self, index: int) -> str:
     return (f'{self.stem}.jsonl-{index:05d}-of-'

@@ -79,6 +79,10 @@ class OutputFile:
   records: int
   bytes: int
   sha256: str
+  # Records whose prediction equals their targets_pretokenized, of those
+  # that have one (a quick check of a run; not a SeqIO metric).
+  exact_matches: int = 0
+  with_targets: int = 0
 
 
 def hide_accelerators_from_tensorflow():
@@ -163,6 +167,10 @@ class ReadShard(beam.DoFn):
              (index, record_inputs(task_example), features))
     _counter('chunks_skipped').inc(len(skipped_chunks))
     _counter('examples_read').inc(count)
+    # For progress reporting: the shard's size fixes its number of chunks.
+    files.write_atomically(
+        plan.layout(config, task_name).count_path(shard, num_shards),
+        json.dumps({'examples': count}).encode())
     yield beam.pvalue.TaggedOutput(_SHARD_COUNTS, (task_name, (shard, count)))
 
 
@@ -400,8 +408,21 @@ class MergeOutputShard(beam.DoFn):
       parts.extend(lines[first:first + count])
     data = ''.join(parts).encode('utf-8')
     files.write_atomically(task_layout.output_path(job.index), data)
+    matches, with_targets = _exact_matches(parts)
     yield task_name, OutputFile(job.index, task_layout.output_name(job.index),
-                                len(parts), len(data), files.sha256(data))
+                                len(parts), len(data), files.sha256(data),
+                                matches, with_targets)
+
+
+def _exact_matches(lines: Sequence[str]) -> Tuple[int, int]:
+  matches = with_targets = 0
+  for line in lines:
+    record = json.loads(line)
+    target = record.get('inputs', {}).get('targets_pretokenized')
+    if isinstance(target, str) and 'prediction' in record:
+      with_targets += 1
+      matches += record['prediction'] == target
+  return matches, with_targets
 
 
 class WriteManifest(beam.DoFn):
@@ -426,6 +447,10 @@ class WriteManifest(beam.DoFn):
         'settings': config.fingerprint_fields(),
         'records': summary['examples'],
         'files': [dataclasses.asdict(o) for o in outputs],
+        'exact_match': {
+            'matches': sum(o.exact_matches for o in outputs),
+            'of': sum(o.with_targets for o in outputs),
+        },
         'input_shards': summary['input_shards'],
         'chunks': summary['chunks'],
         'this_run': {

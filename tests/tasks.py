@@ -38,10 +38,28 @@ def _register(name: str, pattern: str):
       output_features=OUTPUT_FEATURES)
 
 
+def _register_sentencepiece(name: str, pattern: str):
+  """A task with a SentencePiece vocabulary trained by write_data."""
+  if name in seqio.TaskRegistry.names():
+    return
+  vocabulary = seqio.SentencePieceVocabulary(
+      os.path.join(DATA_DIR, 'spm.model'), extra_ids=100)
+  seqio.TaskRegistry.add(
+      name,
+      source=seqio.TextLineDataSource(
+          {'test': os.path.join(DATA_DIR, pattern)}),
+      preprocessors=[parse_tsv, seqio.preprocessors.tokenize,
+                     seqio.preprocessors.append_eos_after_trim],
+      output_features={
+          'inputs': seqio.Feature(vocabulary, add_eos=True),
+          'targets': seqio.Feature(vocabulary, add_eos=True)})
+
+
 # Two files: two input shards by default.
 _register('t5beam_test_two_files', 'two-*.tsv')
 _register('t5beam_test_one_file', 'one.tsv')
 _register('t5beam_test_empty', 'empty.tsv')
+_register_sentencepiece('t5beam_test_sentencepiece', 'one.tsv')
 if 't5beam_test_mixture' not in seqio.MixtureRegistry.names():
   seqio.MixtureRegistry.add('t5beam_test_mixture',
                             ['t5beam_test_two_files', 't5beam_test_one_file'],
@@ -61,3 +79,12 @@ def write_data(directory: str):
     f.write(lines('only file', 11))
   with open(os.path.join(directory, 'empty.tsv'), 'w') as f:
     f.write('')
+  # A SentencePiece model trained by the sentencepiece library itself.
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  corpus = os.path.join(directory, 'corpus.txt')
+  with open(corpus, 'w') as f:
+    f.write(lines('first file', 300) + lines('only file', 300))
+  sentencepiece.SentencePieceTrainer.train(
+      input=corpus, model_prefix=os.path.join(directory, 'spm'),
+      vocab_size=48, model_type='unigram', pad_id=0, eos_id=1, unk_id=2,
+      bos_id=-1, minloglevel=2)

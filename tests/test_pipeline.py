@@ -1,5 +1,6 @@
 """The Beam pipeline on real DirectRunner runs over real SeqIO tasks."""
 
+import hashlib
 import json
 import logging
 import os
@@ -108,7 +109,9 @@ def test_manifest_and_markers_describe_the_outputs(reference_run):
   data = (output / name).read_bytes()
   assert manifest['files'] == [{
       'index': 0, 'name': name, 'records': 34, 'bytes': len(data),
-      'sha256': __import__('hashlib').sha256(data).hexdigest()}]
+      'sha256': hashlib.sha256(data).hexdigest(),
+      'exact_matches': 0, 'with_targets': 34}]
+  assert manifest['exact_match'] == {'matches': 0, 'of': 34}
   assert manifest['settings']['split'] == 'test'
   assert manifest['this_run']['examples_inferred'] == 34
   assert manifest['this_run']['examples_per_second'] > 0

@@ -1,0 +1,141 @@
+"""The Gin surface users know from T5X, turned into one `InferConfig`.
+
+Configurable names follow T5X where T5X has one: `infer.mode`,
+`infer.checkpoint_period`, `DatasetConfig.split`, `DatasetConfig.batch_size`,
+`RestoreCheckpointConfig.dtype`, and the macros MIXTURE_OR_TASK_NAME,
+MIXTURE_OR_TASK_MODULE, TASK_FEATURE_LENGTHS, CHECKPOINT_PATH,
+INFER_OUTPUT_DIR, MODEL and VOCABULARY.
+"""
+
+import dataclasses
+import os
+from typing import Any, Mapping, Optional
+
+import gin
+import seqio
+
+from model import config as model_config_lib
+from model.config import T5Config
+from pipeline.config import InferConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          'configs')
+REQUIRED_MACROS = ('MIXTURE_OR_TASK_NAME', 'TASK_FEATURE_LENGTHS',
+                   'CHECKPOINT_PATH', 'INFER_OUTPUT_DIR')
+
+for _vocabulary in (seqio.SentencePieceVocabulary, seqio.ByteVocabulary,
+                    seqio.PassThroughVocabulary):
+  gin.external_configurable(_vocabulary, module='seqio')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What a model Gin file gives: the architecture and the vocabulary."""
+  config: Optional[T5Config]
+  vocabulary: Optional[seqio.Vocabulary]
+
+
+@gin.configurable(module='t5beam')
+def Model(architecture: Optional[str] = None,  # pylint: disable=invalid-name
+          vocabulary: Optional[seqio.Vocabulary] = None,
+          **overrides) -> ModelSpec:
+  """A T5-family model: a preset name ('t5_1_1_small', 'mt5_base', ...),
+  with T5Config fields overridden, or only fields."""
+  if architecture is None and not overrides:
+    return ModelSpec(None, vocabulary)
+  if architecture is None:
+    config = T5Config(**overrides)
+  else:
+    config = model_config_lib.preset(architecture, **overrides)
+  return ModelSpec(config, vocabulary)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+  """T5X's DatasetConfig; inference reads in order (no shuffling), uncached."""
+  mixture_or_task_name: str = gin.REQUIRED
+  task_feature_lengths: Mapping[str, int] = gin.REQUIRED
+  split: str = 'test'
+  batch_size: int = 32
+  module: Optional[str] = None
+  shuffle: bool = False
+  seed: Optional[int] = 0
+  use_cached: bool = False
+  pack: bool = False
+
+  def __post_init__(self):
+    if self.shuffle:
+      raise ValueError('DatasetConfig.shuffle=True is not supported for '
+                       'inference: outputs are written in input order')
+    if self.pack:
+      raise ValueError('DatasetConfig.pack=True is not supported for '
+                       'inference: set it to False')
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RestoreCheckpointConfig:
+  """T5X's RestoreCheckpointConfig: the checkpoint and the dtype to restore
+  parameters in ('float32', 'bfloat16', 'float16')."""
+  path: str = gin.REQUIRED
+  mode: str = 'specific'
+  dtype: Optional[str] = 'bfloat16'
+
+  def __post_init__(self):
+    if self.mode != 'specific':
+      raise ValueError(f"RestoreCheckpointConfig.mode {self.mode!r}: only "
+                       "'specific' (the path as given) is supported")
+
+
+@gin.configurable
+def infer(*,  # pylint: disable=invalid-name
+          model: Any = None,
+          dataset_cfg: DatasetConfig = gin.REQUIRED,
+          restore_checkpoint_cfg: RestoreCheckpointConfig = gin.REQUIRED,
+          output_dir: str = gin.REQUIRED,
+          mode: str = 'predict',
+          checkpoint_period: int = 100,
+          num_output_shards: int = 1,
+          num_input_shards: Optional[int] = None,
+          activation_dtype: Optional[str] = None,
+          output_ids: bool = False,
+          overwrite: bool = False) -> InferConfig:
+  """Collects the run's settings (bound by runs/infer.gin) into InferConfig."""
+  spec = model if isinstance(model, ModelSpec) else ModelSpec(None, None)
+  checkpoint = restore_checkpoint_cfg.path
+  if '://' not in checkpoint:
+    checkpoint = os.path.abspath(checkpoint)
+  output = output_dir if '://' in output_dir else os.path.abspath(output_dir)
+  return InferConfig(
+      mixture_or_task_name=dataset_cfg.mixture_or_task_name,
+      task_feature_lengths=dict(dataset_cfg.task_feature_lengths),
+      checkpoint_path=checkpoint,
+      output_dir=output,
+      mixture_or_task_module=dataset_cfg.module,
+      split=dataset_cfg.split,
+      mode=mode,
+      batch_size=dataset_cfg.batch_size,
+      checkpoint_period=checkpoint_period,
+      num_input_shards=num_input_shards,
+      num_output_shards=num_output_shards,
+      model_config=spec.config,
+      restore_dtype=restore_checkpoint_cfg.dtype or 'float32',
+      activation_dtype=activation_dtype,
+      output_ids=output_ids,
+      overwrite=overwrite)
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@gin.configurable(module='t5beam')
+def package_path(relative: str = gin.REQUIRED) -> str:
+  """A path inside the installed t5beam (for the shipped demo checkpoint)."""
+  return os.path.join(REPO_ROOT, relative)
+
+
+@gin.configurable(module='t5beam')
+def model_vocabulary(model: Any = None) -> Optional[seqio.Vocabulary]:
+  """The vocabulary the model Gin file names (None without one)."""
+  return model.vocabulary if isinstance(model, ModelSpec) else None

@@ -1,0 +1,233 @@
+"""The t5beam command line: a T5X inference Gin file, run as a Beam pipeline.
+
+    python -m launch.infer --gin_file=my_infer.gin \\
+        --gin.INFER_OUTPUT_DIR=\\"/tmp/out\\" [--gin.NAME=VALUE ...] \\
+        [--gin_bindings=...] [--gin_search_paths=a,b] [Beam options ...]
+
+Every flag that is not a Gin flag goes to Beam as a pipeline option
+(`--runner=DataflowRunner --project=...`). Without `--runner` the job runs
+locally on Beam's FnApiRunner (the DirectRunner's engine), which needs no
+network. Configuration errors stop here, before any worker starts, with one
+line naming what is wrong and what to do.
+"""
+
+import logging
+import os
+import sys
+import time
+import tokenize
+from typing import List, Optional, Sequence, Tuple
+
+from launch import gin_config, progress
+
+LOCAL_RUNNERS = ('FnApiRunner', 'DirectRunner', 'BundleBasedDirectRunner',
+                 'SwitchingDirectRunner')
+
+
+class LaunchError(Exception):
+  """A problem the user must fix; its message is one line saying what."""
+
+
+def split_flags(argv: Sequence[str]) -> Tuple[List[str], List[str], List[str],
+                                               List[str]]:
+  """(gin files, gin bindings, search paths, Beam arguments) from argv."""
+  gin_files, bindings, search_paths, beam_args = [], [], [], []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    name, has_value, value = arg.partition('=')
+    takes_value = name in ('--gin_file', '--gin_bindings', '--gin_search_paths')
+    if takes_value and not has_value:
+      if i + 1 >= len(args):
+        raise LaunchError(f'{name} needs a value')
+      value = args[i + 1]
+      i += 1
+    if name == '--gin_file':
+      gin_files.append(value)
+    elif name == '--gin_bindings':
+      bindings.append(value)
+    elif name == '--gin_search_paths':
+      search_paths.extend(p for p in value.split(',') if p)
+    elif name.startswith('--gin.'):
+      if not has_value:
+        raise LaunchError(f'{arg}: write --gin.NAME=VALUE')
+      bindings.append(f'{name[len("--gin."):]} = {value}')
+    else:
+      beam_args.append(arg)
+    i += 1
+  return gin_files, bindings, search_paths, beam_args
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
+              search_paths: Sequence[str]):
+  """Parses Gin files and bindings; LaunchError on any Gin problem."""
+  import gin  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  for path in list(search_paths) + ['.', gin_config.CONFIG_DIR]:
+    gin.add_config_file_search_path(path)
+  if not gin_files:
+    raise LaunchError('no --gin_file given; pass a Gin file that includes '
+                      "'runs/infer.gin' (see the README)")
+  source = None
+  try:
+    for source in gin_files:
+      gin.parse_config_file(source)
+    source = '--gin bindings'
+    gin.parse_config(bindings)
+  except SyntaxError as e:
+    raise LaunchError(f'Gin syntax error in {e.filename}:{e.lineno}: '
+                      f'{e.msg}') from e
+  except tokenize.TokenError as e:
+    message, (line, _) = e.args
+    raise LaunchError(f'Gin syntax error in {source} (or a file it '
+                      f'includes) at line {line}: {message}; look for an '
+                      'unclosed bracket or quote') from e
+  except IOError as e:
+    raise LaunchError(f'Gin file not found: {e}; check --gin_file and '
+                      '--gin_search_paths') from e
+  except Exception as e:  # pylint: disable=broad-except
+    message = ' '.join(str(e).split())
+    raise LaunchError(f'Gin configuration error in {source}: '
+                      f'{message}') from e
+  for macro in gin_config.REQUIRED_MACROS:
+    try:
+      value = gin.query_parameter(f'%{macro}')
+    except ValueError:
+      value = gin.REQUIRED
+    if value is gin.REQUIRED or repr(value) == '%gin.REQUIRED':
+      raise LaunchError(
+          f'required macro {macro} is not set; set it in your Gin file or '
+          f'pass --gin.{macro}=...')
+
+
+def build_config():
+  """The InferConfig and model vocabulary the parsed Gin config describes."""
+  try:
+    config = gin_config.infer()
+    vocabulary = gin_config.model_vocabulary()
+  except (ValueError, TypeError) as e:
+    raise LaunchError(' '.join(str(e).split())) from e
+  return config, vocabulary
+
+
+def check_checkpoint(config):
+  """The checkpoint exists, is readable, and agrees with the model config.
+
+  Returns the architecture (from the model config or the checkpoint)."""
+  from model import checkpoints  # pylint: disable=g-import-not-at-top
+  try:
+    stored = checkpoints.read_config(config.checkpoint_path)
+    if config.model_config is not None and stored is not None:
+      checkpoints.check_architecture(config.checkpoint_path,
+                                     config.model_config, stored)
+  except checkpoints.CheckpointError as e:
+    raise LaunchError(str(e)) from e
+  architecture = config.model_config or stored
+  if architecture is None:
+    raise LaunchError(
+        f'the architecture of {config.checkpoint_path!r} is unknown: include '
+        "a model Gin file (e.g. 'models/t5_1_1_small.gin')")
+  return architecture
+
+
+def check_vocabularies(tasks, vocabulary):
+  """Every task feature's vocabulary equals the model's."""
+  if vocabulary is None:
+    logging.info('t5beam: no model VOCABULARY in the Gin config; the tasks\' '
+                 'vocabularies are not checked')
+    return
+  for task in tasks:
+    for name in ('inputs', 'targets'):
+      feature = task.output_features.get(name)
+      if feature is not None and feature.vocabulary != vocabulary:
+        raise LaunchError(
+            f'the vocabulary of task {task.name!r} feature {name!r} '
+            f'({_describe(feature.vocabulary)}) differs from the model\'s '
+            f'({_describe(vocabulary)}); set VOCABULARY in the Gin file to '
+            'the one the model was trained with, or use a matching task')
+
+
+def _describe(vocabulary) -> str:
+  path = getattr(vocabulary, 'sentencepiece_model_file', None)
+  return (f'{type(vocabulary).__name__} {path}' if path else
+          f'{type(vocabulary).__name__} of {vocabulary.vocab_size} ids')
+
+
+def write_run_info(config, architecture):
+  """config.gin (the operative Gin config) and model-info.txt, as T5X."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from model import checkpoints  # pylint: disable=g-import-not-at-top
+  from pipeline import files  # pylint: disable=g-import-not-at-top
+  files.write_atomically(files.join(config.output_dir, 'config.gin'),
+                         gin.operative_config_str().encode('utf-8'))
+  lines = [f'# {config.checkpoint_path}', f'# {architecture}']
+  for name, shape in checkpoints.expected_shapes(architecture).items():
+    lines.append(f'{name:<70} {shape}')
+  lines.append(f'# total parameters: {architecture.num_parameters():,}')
+  files.write_atomically(files.join(config.output_dir, 'model-info.txt'),
+                         ('\n'.join(lines) + '\n').encode('utf-8'))
+
+
+def pipeline_options(beam_args: Sequence[str]):
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import StandardOptions  # pylint: disable=g-import-not-at-top
+  args = list(beam_args)
+  options = PipelineOptions(args)
+  if options.view_as(StandardOptions).runner is None:
+    args.append('--runner=FnApiRunner')
+    options = PipelineOptions(args)
+  return options
+
+
+def prepare(argv: Sequence[str]):
+  """Everything before the pipeline: (config, options). LaunchError on any
+  configuration problem; nothing is written before all checks pass."""
+  from pipeline import plan  # pylint: disable=g-import-not-at-top
+  gin_files, bindings, search_paths, beam_args = split_flags(argv)
+  parse_gin(gin_files, bindings, search_paths)
+  config, vocabulary = build_config()
+  options = pipeline_options(beam_args)
+  try:
+    tasks = plan.resolve_tasks(config)
+  except plan.PlanError as e:
+    raise LaunchError(str(e)) from e
+  architecture = check_checkpoint(config)
+  check_vocabularies(tasks, vocabulary)
+  return config, options, architecture, tasks
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  logging.basicConfig(level=logging.INFO, format='%(message)s')
+  for noisy in ('absl', 'apache_beam', 'jax', 'tensorflow', 'orbax',
+                'etils'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  from apache_beam.options.pipeline_options import StandardOptions  # pylint: disable=g-import-not-at-top
+  from pipeline import plan  # pylint: disable=g-import-not-at-top
+  from pipeline.run import run_inference  # pylint: disable=g-import-not-at-top
+  started = time.time()
+  try:
+    config, options, architecture, tasks = prepare(argv)
+    plan.claim_output_dir(config, [t.name for t in tasks])
+  except (LaunchError, plan.PlanError) as e:
+    print(f't5beam: error: {e}', file=sys.stderr)
+    return 2
+  write_run_info(config, architecture)
+  runner = options.view_as(StandardOptions).runner or ''
+  reporter = None
+  if runner.split('.')[-1] in LOCAL_RUNNERS and '://' not in config.output_dir:
+    reporter = progress.ProgressReporter(config, [t.name for t in tasks])
+    reporter.start()
+  try:
+    result = run_inference(config, options)
+  finally:
+    if reporter:
+      reporter.stop()
+  print(progress.summary(config, result, time.time() - started),
+        file=sys.stderr)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

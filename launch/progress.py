@@ -1,0 +1,131 @@
+"""What a person watching a local run sees: a progress line while the
+pipeline runs (chunks done of total, examples/s, ETA), and a summary."""
+
+import json
+import math
+import re
+import sys
+import threading
+import time
+from typing import List
+
+from pipeline import files, plan
+from pipeline.config import InferConfig
+
+_COUNT_RE = re.compile(r'^count-(\d{5})-of-(\d{5})\.json$')
+
+
+class ProgressReporter:
+  """Polls the output directory's chunk files from a background thread."""
+
+  def __init__(self, config: InferConfig, task_names: List[str],
+               interval: float = 2.0, stream=None):
+    self._config = config
+    self._layouts = [plan.layout(config, name) for name in task_names]
+    self._interval = interval
+    self._stream = stream or sys.stderr
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._loop, daemon=True,
+                                    name='t5beam-progress')
+    self._first = None  # (time, examples done) when inference was first seen
+    self._last_line = ''
+
+  def start(self):
+    self._thread.start()
+
+  def stop(self):
+    self._stop.set()
+    self._thread.join(timeout=5)
+    if self._last_line and self._stream.isatty():
+      self._stream.write('\n')
+
+  def _loop(self):
+    while not self._stop.wait(self._interval):
+      try:
+        line = self.line()
+      except (OSError, ValueError):
+        continue  # files moving under us; try again next time
+      if line and line != self._last_line:
+        end = '\r' if self._stream.isatty() else '\n'
+        self._stream.write(line + end)
+        self._stream.flush()
+        self._last_line = line
+
+  def snapshot(self):
+    """(chunks done, total chunks or None, examples done, total examples)."""
+    chunk_size = self._config.chunk_size
+    done = total = examples_done = examples_total = 0
+    known = True
+    for task_layout in self._layouts:
+      names = files.list_names(task_layout.chunk_dir)
+      counts = {}
+      num_shards = None
+      for name in names:
+        match = _COUNT_RE.match(name)
+        if match:
+          num_shards = int(match.group(2))
+          counts[int(match.group(1))] = json.loads(files.read_text(
+              files.join(task_layout.chunk_dir, name)))['examples']
+      if num_shards is None or len(counts) < num_shards:
+        known = False
+        continue
+      for shard, count in counts.items():
+        total += math.ceil(count / chunk_size)
+        examples_total += count
+      for shard, chunk in plan.finished_chunks(task_layout, num_shards):
+        done += 1
+        examples_done += min(chunk_size, counts[shard] - chunk * chunk_size)
+    return done, (total if known else None), examples_done, examples_total
+
+  def line(self) -> str:
+    done, total, examples_done, examples_total = self.snapshot()
+    if total is None:
+      return 't5beam: reading input shards...'
+    now = time.time()
+    if self._first is None:
+      self._first = (now, examples_done)
+    elapsed = now - self._first[0]
+    rate = (examples_done - self._first[1]) / elapsed if elapsed > 0 else 0
+    eta = ''
+    if rate > 0 and examples_done < examples_total:
+      eta = f', ETA {_duration((examples_total - examples_done) / rate)}'
+    speed = f', {rate:.1f} examples/s' if rate > 0 else ''
+    return (f't5beam: {done}/{total} chunks, {examples_done}/'
+            f'{examples_total} examples{speed}{eta}')
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  if seconds >= 3600:
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+  if seconds >= 60:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds}s'
+
+
+def summary(config: InferConfig, result, wall_seconds: float) -> str:
+  """The end-of-run summary: examples, time, throughput, files, accuracy."""
+  if result.status == 'already_complete':
+    return (f't5beam: {config.output_dir} already holds this run\'s complete '
+            'output; nothing to do.')
+  lines = [f't5beam: done in {_duration(wall_seconds)} '
+           f'({wall_seconds:.1f} s)']
+  for task, manifest in sorted(result.manifests.items()):
+    this_run = manifest['this_run']
+    rate = this_run['examples_per_second']
+    tokens = this_run['tokens_per_second']
+    lines.append(
+        f'  {task}: {manifest["records"]} examples; this run inferred '
+        f'{this_run["examples_inferred"]} in '
+        f'{this_run["inference_seconds"]:.1f} s of model time'
+        + (f' ({rate:.1f} examples/s, {tokens:.0f} tokens/s)'
+           if rate else ''))
+    exact = manifest.get('exact_match', {})
+    if exact.get('of'):
+      lines.append(f'    exact match with targets: '
+                   f'{exact["matches"] / exact["of"]:.1%} '
+                   f'({exact["matches"]}/{exact["of"]})')
+    for output in manifest['files']:
+      lines.append(f'    {files.join(config.output_dir, output["name"])} '
+                   f'({output["records"]} records)')
+  return '\n'.join(lines)

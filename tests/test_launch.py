@@ -1,0 +1,292 @@
+"""The command line: Gin files as T5X users write them, the embedded demo,
+progress, and one clear line for every configuration error."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests import pipeline_helpers as helpers
+
+REPO = helpers.REPO
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  data = tmp_path_factory.mktemp('data')
+  helpers.prepare_environment(str(data))
+  from model import checkpoints, network  # pylint: disable=g-import-not-at-top
+  from model.config import T5Config  # pylint: disable=g-import-not-at-top
+  config = T5Config(vocab_size=260, d_model=32, num_heads=2, d_kv=8, d_ff=64,
+                    num_encoder_layers=2, num_decoder_layers=2)
+  checkpoint = str(tmp_path_factory.mktemp('ckpt') / 'model')
+  checkpoints.save_orbax(checkpoint, config, network.init_params(config, 5))
+  return {'checkpoint': checkpoint, 'tmp': tmp_path_factory}
+
+
+def write_gin(directory, body: str) -> str:
+  path = os.path.join(directory, 'my_infer.gin')
+  with open(path, 'w') as f:
+    f.write(body)
+  return path
+
+
+def user_gin(env, **replace) -> str:
+  lines = {
+      'include_run': "include 'runs/infer.gin'",
+      'include_model': "include 'models/t5beam_demo.gin'",
+      'CHECKPOINT_PATH': f"CHECKPOINT_PATH = '{env['checkpoint']}'",
+      'MIXTURE_OR_TASK_NAME': "MIXTURE_OR_TASK_NAME = 't5beam_test_one_file'",
+      'MIXTURE_OR_TASK_MODULE': "MIXTURE_OR_TASK_MODULE = 'tests.tasks'",
+      'TASK_FEATURE_LENGTHS':
+          "TASK_FEATURE_LENGTHS = {'inputs': 24, 'targets': 8}",
+      'dtype': "RestoreCheckpointConfig.dtype = 'float32'",
+      'batch': 'DatasetConfig.batch_size = 4',
+  }
+  lines.update(replace)
+  return '\n'.join(v for v in lines.values() if v) + '\n'
+
+
+def launch(argv):
+  """Runs launch.infer.main in this process: (exit status, stderr text)."""
+  from launch import infer  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import contextlib  # pylint: disable=g-import-not-at-top
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr):
+    status = infer.main(argv)
+  return status, stderr.getvalue()
+
+
+def assert_refused(status, stderr, output_dir, *patterns):
+  assert status != 0
+  error_lines = [l for l in stderr.splitlines() if l.startswith('t5beam: error')]
+  assert len(error_lines) == 1, stderr
+  for pattern in patterns:
+    assert re.search(pattern, error_lines[0]), error_lines[0]
+  written = os.listdir(output_dir) if os.path.exists(output_dir) else []
+  assert not [n for n in written if '.jsonl' in n or 'manifest' in n], written
+
+
+def test_user_gin_file_runs_and_writes_t5x_style_outputs(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(env))
+  output = tmp_path / 'out'
+  status, stderr = launch([f'--gin_file={gin_file}',
+                           f'--gin.INFER_OUTPUT_DIR="{output}"'])
+  assert status == 0, stderr
+  records = helpers.read_records(
+      output / 't5beam_test_one_file-predict.jsonl-00000-of-00001')
+  assert len(records) == 11
+  assert set(records[0]) == {'inputs', 'prediction'}
+  config_gin = (output / 'config.gin').read_text()
+  assert "DatasetConfig.batch_size = 4" in config_gin
+  model_info = (output / 'model-info.txt').read_text()
+  assert re.search(r'decoder/logits_dense/kernel\s+\(32, 260\)', model_info)
+  assert 'examples' in stderr and 'output' not in stderr.split('\n')[0]
+  assert str(output / 't5beam_test_one_file-predict.jsonl-00000-of-00001') in (
+      stderr)
+
+
+def test_gin_overrides_reach_the_run(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(env))
+  output = tmp_path / 'out'
+  status, stderr = launch([
+      f'--gin_file={gin_file}', f'--gin.INFER_OUTPUT_DIR="{output}"',
+      '--gin.infer.num_output_shards=2', '--gin.infer.output_ids=True',
+      "--gin_bindings=DatasetConfig.split = 'test'"])
+  assert status == 0, stderr
+  first = helpers.read_records(
+      output / 't5beam_test_one_file-predict.jsonl-00000-of-00002')
+  second = helpers.read_records(
+      output / 't5beam_test_one_file-predict.jsonl-00001-of-00002')
+  assert len(first) + len(second) == 11
+  assert 'prediction_tokens' in first[0]
+
+
+def test_rerun_of_a_finished_output_says_so(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(env))
+  argv = [f'--gin_file={gin_file}',
+          f'--gin.INFER_OUTPUT_DIR="{tmp_path / "out"}"']
+  assert launch(argv)[0] == 0
+  status, stderr = launch(argv)
+  assert status == 0
+  assert 'already holds this run' in stderr
+
+
+def test_required_macro_not_set(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(env, MIXTURE_OR_TASK_NAME=''))
+  output = tmp_path / 'out'
+  assert_refused(*launch([f'--gin_file={gin_file}',
+                          f'--gin.INFER_OUTPUT_DIR="{output}"']), output,
+                 'MIXTURE_OR_TASK_NAME is not set', '--gin.MIXTURE_OR_TASK')
+
+
+def test_output_dir_not_set(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(env))
+  assert_refused(*launch([f'--gin_file={gin_file}']), tmp_path / 'out',
+                 'INFER_OUTPUT_DIR is not set')
+
+
+def test_gin_syntax_error_names_file_and_line(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(env, batch="DatasetConfig.batch_size = (4"))
+  output = tmp_path / 'out'
+  assert_refused(*launch([f'--gin_file={gin_file}',
+                          f'--gin.INFER_OUTPUT_DIR="{output}"']), output,
+                 'syntax error', 'my_infer.gin')
+
+
+def test_unknown_binding(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(env))
+  output = tmp_path / 'out'
+  assert_refused(*launch([f'--gin_file={gin_file}',
+                          f'--gin.INFER_OUTPUT_DIR="{output}"',
+                          '--gin.infer.no_such_setting=3']), output,
+                 'no_such_setting')
+
+
+def test_unknown_task_lists_the_closest_names(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(
+      env, MIXTURE_OR_TASK_NAME="MIXTURE_OR_TASK_NAME = 't5beam_test_one_fil'"))
+  output = tmp_path / 'out'
+  assert_refused(*launch([f'--gin_file={gin_file}',
+                          f'--gin.INFER_OUTPUT_DIR="{output}"']), output,
+                 "'t5beam_test_one_fil' is not a registered",
+                 't5beam_test_one_file')
+
+
+def test_task_module_that_fails_to_import(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(
+      env, MIXTURE_OR_TASK_MODULE="MIXTURE_OR_TASK_MODULE = 'no_such.tasks'"))
+  output = tmp_path / 'out'
+  assert_refused(*launch([f'--gin_file={gin_file}',
+                          f'--gin.INFER_OUTPUT_DIR="{output}"']), output,
+                 "'no_such.tasks' failed to import", 'ModuleNotFoundError')
+
+
+@pytest.mark.parametrize('make_path,message', [
+    (lambda tmp: str(tmp / 'missing'), 'not found'),
+    (lambda tmp: str(tmp), 'no recognised checkpoint'),
+])
+def test_checkpoint_missing_or_unrecognised(env, tmp_path, make_path,
+                                            message):
+  path = make_path(tmp_path)
+  gin_file = write_gin(tmp_path, user_gin(
+      env, CHECKPOINT_PATH=f"CHECKPOINT_PATH = '{path}'"))
+  output = tmp_path / 'out'
+  assert_refused(*launch([f'--gin_file={gin_file}',
+                          f'--gin.INFER_OUTPUT_DIR="{output}"']), output,
+                 message, re.escape(path))
+
+
+def test_task_vocabulary_that_differs_from_the_models(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(env))
+  output = tmp_path / 'out'
+  assert_refused(*launch([
+      f'--gin_file={gin_file}', f'--gin.INFER_OUTPUT_DIR="{output}"',
+      '--gin.VOCABULARY=@seqio.PassThroughVocabulary()',
+      '--gin.seqio.PassThroughVocabulary.size=260']), output,
+                 "vocabulary of task 't5beam_test_one_file'",
+                 'PassThroughVocabulary')
+
+
+def test_feature_lengths_missing_targets(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(
+      env, TASK_FEATURE_LENGTHS="TASK_FEATURE_LENGTHS = {'inputs': 24}"))
+  output = tmp_path / 'out'
+  assert_refused(*launch([f'--gin_file={gin_file}',
+                          f'--gin.INFER_OUTPUT_DIR="{output}"']), output,
+                 "lacks 'targets'")
+
+
+def test_output_dir_holding_a_different_run(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(env))
+  output = tmp_path / 'out'
+  argv = [f'--gin_file={gin_file}', f'--gin.INFER_OUTPUT_DIR="{output}"']
+  assert launch(argv)[0] == 0
+  before = helpers.output_files(output)
+  status, stderr = launch(argv + ['--gin.infer.checkpoint_period=7'])
+  assert status != 0
+  assert 'holds a different run' in stderr and 'checkpoint_period' in stderr
+  assert helpers.output_files(output) == before
+
+
+def test_progress_line_counts_chunks_and_examples(tmp_path):
+  from launch import progress  # pylint: disable=g-import-not-at-top
+  from pipeline import files, plan  # pylint: disable=g-import-not-at-top
+  from pipeline.config import InferConfig  # pylint: disable=g-import-not-at-top
+  config = InferConfig(mixture_or_task_name='t', checkpoint_path='c',
+                       task_feature_lengths={'inputs': 4, 'targets': 4},
+                       output_dir=str(tmp_path), batch_size=2,
+                       checkpoint_period=5)
+  layout = plan.layout(config, 't')
+  reporter = progress.ProgressReporter(config, ['t'])
+  assert 'reading' in reporter.line()
+  for shard, count in ((0, 25), (1, 7)):  # 3 + 1 chunks of 10
+    files.write_atomically(layout.count_path(shard, 2),
+                           json.dumps({'examples': count}).encode())
+  assert reporter.line().startswith('t5beam: 0/4 chunks, 0/32 examples')
+  files.write_atomically(layout.chunk_path(0, 2, 2), b'')
+  files.write_atomically(layout.chunk_path(1, 2, 0), b'')
+  line = reporter.line()
+  assert line.startswith('t5beam: 2/4 chunks, 12/32 examples'), line
+  assert 'examples/s' in line and 'ETA' in line
+
+
+def test_embedded_demo_end_to_end(tmp_path):
+  """The README's run command, minus the install: predictions right on at
+  least 90% of held-out additions, shown in the summary."""
+  output = tmp_path / 'demo'
+  process = subprocess.run(
+      [sys.executable, '-m', 'launch.infer', '--gin_file=examples/demo.gin',
+       f'--gin.INFER_OUTPUT_DIR="{output}"'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert process.returncode == 0, process.stderr[-3000:]
+  match = re.search(r'exact match with targets: ([\d.]+)% \((\d+)/(\d+)\)',
+                    process.stderr)
+  assert match, process.stderr[-3000:]
+  assert float(match.group(1)) >= 90 and match.group(3) == '200'
+  records = helpers.read_records(
+      output / 't5beam_demo_addition-predict.jsonl-00000-of-00001')
+  right = sum(r['prediction'] == r['inputs']['targets_pretokenized']
+              for r in records)
+  assert len(records) == 200 and right >= 180
+  with open(os.path.join(REPO, 'launch/demo/data/test.tsv')) as f:
+    first_input = f.readline().split('\t')[0]
+  assert records[0]['inputs']['inputs_pretokenized'] == first_input
+
+
+def test_the_t5x_tutorial_gin_file_shape_works_as_is(env, tmp_path):
+  """include runs/infer.gin and models/t5_1_1_small.gin, then the four
+  settings: the file T5X's inference tutorial has users write (only the
+  vocabulary file is pointed at a local SentencePiece model)."""
+  from model import checkpoints, config as config_lib, network  # pylint: disable=g-import-not-at-top
+  small = config_lib.preset('t5_1_1_small')
+  checkpoint = str(tmp_path / 'model.ckpt')
+  checkpoints.save_orbax(checkpoint, small, network.init_params(small))
+  gin_file = write_gin(tmp_path, f"""
+include 'runs/infer.gin'
+include 'models/t5_1_1_small.gin'
+
+CHECKPOINT_PATH = '{checkpoint}'
+MIXTURE_OR_TASK_NAME = 't5beam_test_sentencepiece'
+MIXTURE_OR_TASK_MODULE = 'tests.tasks'
+TASK_FEATURE_LENGTHS = {{'inputs': 38, 'targets': 18}}
+""")
+  spm = os.path.join(os.environ['T5BEAM_TEST_DATA'], 'spm.model')
+  output = tmp_path / 'out'
+  status, stderr = launch([
+      f'--gin_file={gin_file}', f'--gin.INFER_OUTPUT_DIR="{output}"',
+      f'--gin.seqio.SentencePieceVocabulary.sentencepiece_model_file="{spm}"'])
+  assert status == 0, stderr
+  records = helpers.read_records(
+      output / 't5beam_test_sentencepiece-predict.jsonl-00000-of-00001')
+  assert len(records) == 11
+  manifest = json.loads((output / 't5beam_test_sentencepiece-predict'
+                         '.manifest.json').read_text())
+  assert manifest['settings']['restore_dtype'] == 'bfloat16'
+  assert manifest['settings']['model_config']['d_ff'] == 1024
+  assert 'total parameters: 76,961,152' in (output / 'model-info.txt'
+                                            ).read_text()
