@@ -17,11 +17,14 @@ import seqio
 from model import config as model_config_lib
 from model.config import T5Config
 from pipeline.config import InferConfig
+from pipeline.file_tasks import FileTaskSpec
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           'configs')
 REQUIRED_MACROS = ('MIXTURE_OR_TASK_NAME', 'TASK_FEATURE_LENGTHS',
                    'CHECKPOINT_PATH', 'INFER_OUTPUT_DIR')
+# Required when the Gin file that defines them is included.
+OPTIONAL_REQUIRED = ('INFER_FILE_PATTERNS',)
 
 for _vocabulary in (seqio.SentencePieceVocabulary, seqio.ByteVocabulary,
                     seqio.PassThroughVocabulary):
@@ -100,15 +103,19 @@ def infer(*,  # pylint: disable=invalid-name
           num_input_shards: Optional[int] = None,
           activation_dtype: Optional[str] = None,
           output_ids: bool = False,
-          overwrite: bool = False) -> InferConfig:
+          overwrite: bool = False,
+          file_task: Optional[FileTaskSpec] = None) -> InferConfig:
   """Collects the run's settings (bound by runs/infer.gin) into InferConfig."""
   spec = model if isinstance(model, ModelSpec) else ModelSpec(None, None)
   checkpoint = restore_checkpoint_cfg.path
   if '://' not in checkpoint:
     checkpoint = os.path.abspath(checkpoint)
   output = output_dir if '://' in output_dir else os.path.abspath(output_dir)
+  task_name = dataset_cfg.mixture_or_task_name
+  if file_task is not None:
+    task_name = file_task.task_name
   return InferConfig(
-      mixture_or_task_name=dataset_cfg.mixture_or_task_name,
+      mixture_or_task_name=task_name,
       task_feature_lengths=dict(dataset_cfg.task_feature_lengths),
       checkpoint_path=checkpoint,
       output_dir=output,
@@ -123,7 +130,26 @@ def infer(*,  # pylint: disable=invalid-name
       restore_dtype=restore_checkpoint_cfg.dtype or 'float32',
       activation_dtype=activation_dtype,
       output_ids=output_ids,
-      overwrite=overwrite)
+      overwrite=overwrite,
+      file_task=file_task)
+
+
+@gin.configurable(module='t5beam')
+def FileTask(file_patterns=gin.REQUIRED,  # pylint: disable=invalid-name
+             file_type: str = 'jsonl', inputs_key: str = 'inputs',
+             targets_key: Optional[str] = None,
+             model: Any = None) -> FileTaskSpec:
+  """Input files read as a task, tokenized with the model's vocabulary."""
+  vocabulary = model.vocabulary if isinstance(model, ModelSpec) else None
+  if vocabulary is None:
+    raise ValueError('runs/infer_from_files.gin tokenizes with the model\'s '
+                     'VOCABULARY: include a model Gin file that sets it')
+  if isinstance(file_patterns, str):
+    file_patterns = (file_patterns,)
+  patterns = tuple(p if '://' in p else os.path.abspath(p)
+                   for p in file_patterns)
+  return FileTaskSpec(patterns, file_type, inputs_key, vocabulary,
+                      targets_key)
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

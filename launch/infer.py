@@ -64,7 +64,7 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
   """Parses Gin files and bindings; LaunchError on any Gin problem."""
   import gin  # pylint: disable=g-import-not-at-top
   gin.clear_config()
-  for path in list(search_paths) + ['.', gin_config.CONFIG_DIR]:
+  for path in list(search_paths) + [gin_config.CONFIG_DIR, '.']:
     gin.add_config_file_search_path(path)
   if not gin_files:
     raise LaunchError('no --gin_file given; pass a Gin file that includes '
@@ -90,10 +90,12 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     message = ' '.join(str(e).split())
     raise LaunchError(f'Gin configuration error in {source}: '
                       f'{message}') from e
-  for macro in gin_config.REQUIRED_MACROS:
+  for macro in gin_config.REQUIRED_MACROS + gin_config.OPTIONAL_REQUIRED:
     try:
       value = gin.query_parameter(f'%{macro}')
     except ValueError:
+      if macro in gin_config.OPTIONAL_REQUIRED:
+        continue  # not defined by the files in use
       value = gin.REQUIRED
     if value is gin.REQUIRED or repr(value) == '%gin.REQUIRED':
       raise LaunchError(
@@ -221,6 +223,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reporter.start()
   try:
     result = run_inference(config, options)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.exception('t5beam: the pipeline failed')
+    last = ' '.join(str(e).split())[-500:]
+    print(f't5beam: error: the pipeline failed: {last}; finished chunks are '
+          'kept, rerun the same command to resume', file=sys.stderr)
+    return 1
   finally:
     if reporter:
       reporter.stop()

@@ -41,6 +41,9 @@ class InferConfig:
   decoding: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   # Replace whatever a different run left in output_dir.
   overwrite: bool = False
+  # Plain input files instead of a registered task (pipeline.file_tasks);
+  # mixture_or_task_name is then the task registered from it.
+  file_task: Optional[Any] = None
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -85,6 +88,8 @@ class InferConfig:
         'restore_dtype': self.restore_dtype,
         'activation_dtype': self.activation_dtype or self.restore_dtype,
         'output_ids': self.output_ids,
+        'input_files': (list(self.file_task.file_patterns)
+                        if self.file_task else None),
     }
 
   def fingerprint(self) -> str:

@@ -88,9 +88,20 @@ def import_task_module(module: Optional[str]):
         'imports on its own') from e
 
 
+def prepare_tasks(config: InferConfig):
+  """Registers what the config's tasks need, on the launcher and workers."""
+  import_task_module(config.mixture_or_task_module)
+  if config.file_task is not None:
+    from pipeline import file_tasks  # pylint: disable=g-import-not-at-top
+    try:
+      file_tasks.register(config.file_task)
+    except ValueError as e:
+      raise PlanError(str(e)) from e
+
+
 def resolve_tasks(config: InferConfig) -> List[seqio.Task]:
   """The Task, or the Mixture's sub-tasks, named by the config."""
-  import_task_module(config.mixture_or_task_module)
+  prepare_tasks(config)
   name = config.mixture_or_task_name
   if name in seqio.MixtureRegistry.names():
     return list(seqio.get_mixture_or_task(name).tasks)

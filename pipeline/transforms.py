@@ -137,7 +137,7 @@ class ReadShard(beam.DoFn):
 
   def setup(self):
     hide_accelerators_from_tensorflow()
-    plan.import_task_module(self._config.mixture_or_task_module)
+    plan.prepare_tasks(self._config)
 
   def process(self, element: Tuple[str, int, int]):
     import seqio  # pylint: disable=g-import-not-at-top
@@ -253,7 +253,7 @@ class InferChunk(beam.DoFn):
 
   def setup(self):
     hide_accelerators_from_tensorflow()
-    plan.import_task_module(self._config.mixture_or_task_module)
+    plan.prepare_tasks(self._config)
     tag = f'{self._config.checkpoint_path}:{self._config.fingerprint()}'
     self._loaded = self._model_handle.acquire(
         lambda: load_model(self._config), tag=tag)
