@@ -20,6 +20,20 @@ def prepare_environment(data_dir: str):
   tasks.write_data(data_dir)
 
 
+def small_environment(tmp_path_factory):
+  """Test data, its tasks, and a small random Orbax checkpoint (vocab 260,
+  for the byte-vocabulary tasks): {'checkpoint': path, 'tmp': factory}."""
+  if 'T5BEAM_TEST_DATA' not in os.environ:  # once per test session
+    prepare_environment(str(tmp_path_factory.mktemp('data')))
+  from model import checkpoints, network  # pylint: disable=g-import-not-at-top
+  from model.config import T5Config  # pylint: disable=g-import-not-at-top
+  config = T5Config(vocab_size=260, d_model=32, num_heads=2, d_kv=8, d_ff=64,
+                    num_encoder_layers=2, num_decoder_layers=2)
+  checkpoint = str(tmp_path_factory.mktemp('ckpt') / 'model')
+  checkpoints.save_orbax(checkpoint, config, network.init_params(config, 5))
+  return {'checkpoint': checkpoint, 'tmp': tmp_path_factory}
+
+
 def read_records(path: str):
   with open(path, encoding='utf-8') as f:
     return [json.loads(line) for line in f]

@@ -5,45 +5,20 @@ this module is imported, and inherited by Beam's worker processes). Byte
 vocabularies need no vocabulary files.
 """
 
-import functools
 import os
 
 import seqio
-import tensorflow as tf
+
+# The demo's TSV parser: "inputs<TAB>targets" lines.
+from launch.demo.tasks import parse_tsv
 
 DATA_DIR = os.environ.get('T5BEAM_TEST_DATA', '/nonexistent')
 VOCABULARY = seqio.ByteVocabulary()
-OUTPUT_FEATURES = {
-    'inputs': seqio.Feature(VOCABULARY, add_eos=True),
-    'targets': seqio.Feature(VOCABULARY, add_eos=True),
-}
 
 
-@seqio.map_over_dataset
-def parse_tsv(line):
-  inputs, targets = tf.io.decode_csv(line, record_defaults=['', ''],
-                                     field_delim='\t', use_quote_delim=False)
-  return {'inputs': inputs, 'targets': targets}
-
-
-def _register(name: str, pattern: str):
+def _register(name: str, pattern: str, vocabulary=VOCABULARY):
   if name in seqio.TaskRegistry.names():
     return
-  seqio.TaskRegistry.add(
-      name,
-      source=seqio.TextLineDataSource(
-          {'test': os.path.join(DATA_DIR, pattern)}),
-      preprocessors=[parse_tsv, seqio.preprocessors.tokenize,
-                     seqio.preprocessors.append_eos_after_trim],
-      output_features=OUTPUT_FEATURES)
-
-
-def _register_sentencepiece(name: str, pattern: str):
-  """A task with a SentencePiece vocabulary trained by write_data."""
-  if name in seqio.TaskRegistry.names():
-    return
-  vocabulary = seqio.SentencePieceVocabulary(
-      os.path.join(DATA_DIR, 'spm.model'), extra_ids=100)
   seqio.TaskRegistry.add(
       name,
       source=seqio.TextLineDataSource(
@@ -59,7 +34,10 @@ def _register_sentencepiece(name: str, pattern: str):
 _register('t5beam_test_two_files', 'two-*.tsv')
 _register('t5beam_test_one_file', 'one.tsv')
 _register('t5beam_test_empty', 'empty.tsv')
-_register_sentencepiece('t5beam_test_sentencepiece', 'one.tsv')
+# A SentencePiece model trained by write_data (loaded lazily).
+_register('t5beam_test_sentencepiece', 'one.tsv',
+          seqio.SentencePieceVocabulary(os.path.join(DATA_DIR, 'spm.model'),
+                                        extra_ids=100))
 if 't5beam_test_mixture' not in seqio.MixtureRegistry.names():
   seqio.MixtureRegistry.add('t5beam_test_mixture',
                             ['t5beam_test_two_files', 't5beam_test_one_file'],

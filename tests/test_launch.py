@@ -16,15 +16,7 @@ REPO = helpers.REPO
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-  data = tmp_path_factory.mktemp('data')
-  helpers.prepare_environment(str(data))
-  from model import checkpoints, network  # pylint: disable=g-import-not-at-top
-  from model.config import T5Config  # pylint: disable=g-import-not-at-top
-  config = T5Config(vocab_size=260, d_model=32, num_heads=2, d_kv=8, d_ff=64,
-                    num_encoder_layers=2, num_decoder_layers=2)
-  checkpoint = str(tmp_path_factory.mktemp('ckpt') / 'model')
-  checkpoints.save_orbax(checkpoint, config, network.init_params(config, 5))
-  return {'checkpoint': checkpoint, 'tmp': tmp_path_factory}
+  return helpers.small_environment(tmp_path_factory)
 
 
 def write_gin(directory, body: str) -> str:
