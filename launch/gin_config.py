@@ -9,13 +9,14 @@ INFER_OUTPUT_DIR, MODEL and VOCABULARY.
 
 import dataclasses
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import gin
 import seqio
 
 from model import config as model_config_lib
 from model.config import T5Config
+from model.decoding import DecodingConfig
 from pipeline.config import InferConfig
 from pipeline.file_tasks import FileTaskSpec
 
@@ -103,14 +104,27 @@ def infer(*,  # pylint: disable=invalid-name
           num_input_shards: Optional[int] = None,
           activation_dtype: Optional[str] = None,
           output_ids: bool = False,
+          include_all_inputs: bool = False,
+          input_fields_to_include: Optional[Sequence[str]] = None,
           overwrite: bool = False,
-          file_task: Optional[FileTaskSpec] = None) -> InferConfig:
+          file_task: Optional[FileTaskSpec] = None,
+          decode_fn: Optional[Callable[[], Dict[str, Any]]] = None,
+          num_decodes: int = 1,
+          return_all_decodes: bool = False,
+          seed: int = 0) -> InferConfig:
   """Collects the run's settings (bound by runs/infer.gin) into InferConfig."""
   spec = model if isinstance(model, ModelSpec) else ModelSpec(None, None)
   checkpoint = restore_checkpoint_cfg.path
   if '://' not in checkpoint:
     checkpoint = os.path.abspath(checkpoint)
   output = output_dir if '://' in output_dir else os.path.abspath(output_dir)
+  settings = decode_fn() if decode_fn is not None else {}
+  if num_decodes > 1 and not settings:
+    raise ValueError('infer.num_decodes > 1 needs a sampling or beam '
+                     'decoder: set infer.decode_fn = @decoding.'
+                     'temperature_sample or @decoding.beam_search')
+  decoding = DecodingConfig(num_decodes=num_decodes,
+                            return_all_decodes=return_all_decodes, **settings)
   task_name = dataset_cfg.mixture_or_task_name
   if file_task is not None:
     task_name = file_task.task_name
@@ -130,8 +144,14 @@ def infer(*,  # pylint: disable=invalid-name
       restore_dtype=restore_checkpoint_cfg.dtype or 'float32',
       activation_dtype=activation_dtype,
       output_ids=output_ids,
+      include_all_inputs=include_all_inputs,
+      input_fields_to_include=(tuple(input_fields_to_include)
+                               if input_fields_to_include is not None
+                               else None),
       overwrite=overwrite,
-      file_task=file_task)
+      file_task=file_task,
+      decoding=decoding,
+      seed=seed)
 
 
 @gin.configurable(module='t5beam')
@@ -159,6 +179,25 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def package_path(relative: str = gin.REQUIRED) -> str:
   """A path inside the installed t5beam (for the shipped demo checkpoint)."""
   return os.path.join(REPO_ROOT, relative)
+
+
+@gin.configurable(module='decoding')
+def temperature_sample(temperature: float = 1.0, topk: int = 1,
+                       topp: float = 0.0,
+                       max_decode_steps: Optional[int] = None
+                       ) -> Dict[str, Any]:
+  """T5X's temperature sampling settings (its defaults: topk=1 is greedy;
+  set topk=0 for plain sampling, or topk=0 and topp=p for nucleus)."""
+  return dict(strategy='temperature_sample', temperature=temperature,
+              topk=topk, topp=topp, max_decode_steps=max_decode_steps)
+
+
+@gin.configurable(module='decoding')
+def beam_search(alpha: float = 0.6,
+                max_decode_steps: Optional[int] = None) -> Dict[str, Any]:
+  """T5X's beam search settings; the beam count is infer.num_decodes."""
+  return dict(strategy='beam_search', alpha=alpha,
+              max_decode_steps=max_decode_steps)
 
 
 @gin.configurable(module='t5beam')

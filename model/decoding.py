@@ -7,12 +7,75 @@ key/value cache for the decoder's self-attention and the cross-attention
 keys/values computed once per batch. Call these through `jax.jit` (see `model.inference`).
 """
 
+import dataclasses
 from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from model.network import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingConfig:
+  """How to decode, with T5X's names and defaults.
+
+  strategy: 'greedy', 'temperature_sample' or 'beam_search'.
+  num_decodes: samples or beams per example; return_all_decodes keeps all
+  (sorted by increasing score, as T5X) instead of only the best.
+  temperature, topk, topp: temperature_sample's (T5X defaults 1.0, 1, 0.0).
+  alpha: beam_search's brevity penalty exponent (T5X default 0.6).
+  max_decode_steps: at most this many tokens (default: the targets length).
+  """
+  strategy: str = 'greedy'
+  num_decodes: int = 1
+  return_all_decodes: bool = False
+  temperature: float = 1.0
+  topk: int = 1
+  topp: float = 0.0
+  alpha: float = 0.6
+  max_decode_steps: Optional[int] = None
+
+  def __post_init__(self):
+    strategies = ('greedy', 'temperature_sample', 'beam_search')
+    if self.strategy not in strategies:
+      raise ValueError(f'decoding strategy {self.strategy!r} is not one of '
+                       f'{strategies}')
+    if self.num_decodes < 1:
+      raise ValueError(f'num_decodes must be at least 1, got '
+                       f'{self.num_decodes}')
+    if self.topk and self.topp:
+      raise ValueError(f'decoding.temperature_sample: only one of topk '
+                       f'({self.topk}) and topp ({self.topp}) may be '
+                       'non-zero; set topk=0 to use topp')
+    if self.strategy == 'greedy' and self.num_decodes != 1:
+      raise ValueError('greedy decoding gives one decode; use '
+                       'temperature_sample or beam_search for num_decodes > 1')
+
+  @property
+  def needs_rng(self) -> bool:
+    return self.strategy == 'temperature_sample' and self.temperature != 0
+
+
+def decode(module: Transformer, variables, encoder_input_tokens, rng, *,
+           max_length: int, eos_id: Optional[int], config: DecodingConfig,
+           return_scores: bool = True):
+  """Decodes by `config`: (tokens [batch, n, L], scores [batch, n]),
+  increasing score; n is num_decodes (1 for greedy)."""
+  if config.strategy == 'greedy':
+    tokens, scores = greedy_decode(
+        module, variables, encoder_input_tokens, max_length, eos_id=eos_id,
+        return_scores=return_scores, max_steps=config.max_decode_steps)
+    return tokens[:, None], scores[:, None]
+  if config.strategy == 'temperature_sample':
+    return temperature_sample(
+        module, variables, encoder_input_tokens, max_length, eos_id=eos_id,
+        rng=rng, num_decodes=config.num_decodes,
+        temperature=config.temperature, topk=config.topk, topp=config.topp,
+        max_steps=config.max_decode_steps)
+  return beam_search(module, variables, encoder_input_tokens, max_length,
+                     eos_id=eos_id, num_decodes=config.num_decodes,
+                     alpha=config.alpha, max_steps=config.max_decode_steps)
 
 
 class GreedyState(NamedTuple):
@@ -49,42 +112,43 @@ def first_argmax(logits: jax.Array) -> jax.Array:
   return jnp.minimum(first, vocab_size - 1)
 
 
-def greedy_decode(module: Transformer, variables,
-                  encoder_input_tokens: jax.Array,
-                  max_length: int, *, eos_id: Optional[int],
-                  return_scores: bool = False
-                  ) -> Tuple[jax.Array, jax.Array]:
-  """Arg-max decoding of up to `max_length` tokens per sequence.
-
-  A sequence ends at its first EOS (kept in the output); the positions after
-  it hold 0. The loop stops as soon as every sequence has ended. With
-  `eos_id=None` no token ends a sequence and exactly `max_length` tokens are
-  decoded (benchmarks use this). Returns (tokens [batch, max_length] int32,
-  scores [batch] float32: the log-likelihood of the decoded tokens, zeros
-  unless `return_scores`).
-  """
-  cfg = module.config
-  batch_size = encoder_input_tokens.shape[0]
+def _decoder_inputs(module: Transformer, variables, encoder_input_tokens,
+                    max_length: int):
+  """What every decoding step reads: cross-attention keys/values, the
+  self-attention bias table and the encoder padding mask."""
   encoded = module.apply(variables, encoder_input_tokens, method='encode')
   cross = module.apply(variables, encoded, method='precompute_cross_kv')
   self_bias_table = module.apply(variables, max_length,
                                  method='decoder_self_bias')
-  encoder_mask = encoder_input_tokens > 0
+  return cross, self_bias_table, encoder_input_tokens > 0
+
+
+def _decode_loop(module: Transformer, variables, encoder_input_tokens,
+                 max_length: int, eos_id: Optional[int], pick,
+                 max_steps: Optional[int] = None):
+  """The cached decoding loop shared by greedy decoding and sampling.
+
+  pick(logits [batch, vocab] float32, step) -> (token [batch] int32,
+  token score [batch] float32). Returns (tokens [batch, max_length], summed
+  scores [batch]); 0 after each EOS; stops when all sequences have ended or
+  after `max_steps` (default max_length) tokens.
+  """
+  cfg = module.config
+  batch_size = encoder_input_tokens.shape[0]
+  cross, self_bias_table, encoder_mask = _decoder_inputs(
+      module, variables, encoder_input_tokens, max_length)
+  steps = max_length if max_steps is None else min(max_steps, max_length)
 
   def should_continue(state: GreedyState):
-    return (state.step < max_length) & ~jnp.all(state.done)
+    return (state.step < steps) & ~jnp.all(state.done)
 
   def decode_one(state: GreedyState) -> GreedyState:
     logits, cache = module.apply(variables, state.last_token, state.step,
                                  state.cache, self_bias_table, cross,
                                  encoder_mask, method='decode_step')
-    token = first_argmax(logits)
+    token, token_score = pick(logits, state.step)
     token = jnp.where(state.done, 0, token)
-    scores = state.scores
-    if return_scores:
-      log_probs = jax.nn.log_softmax(logits, axis=-1)
-      token_score = jnp.take_along_axis(log_probs, token[:, None], axis=-1)
-      scores = scores + jnp.where(state.done, 0.0, token_score[:, 0])
+    scores = state.scores + jnp.where(state.done, 0.0, token_score)
     tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None],
                                           (0, state.step))
     done = state.done
@@ -101,6 +165,210 @@ def greedy_decode(module: Transformer, variables,
       cache=module.init_cache(batch_size, max_length))
   final = jax.lax.while_loop(should_continue, decode_one, initial)
   return final.tokens, final.scores
+
+
+def greedy_decode(module: Transformer, variables,
+                  encoder_input_tokens: jax.Array,
+                  max_length: int, *, eos_id: Optional[int],
+                  return_scores: bool = False,
+                  max_steps: Optional[int] = None
+                  ) -> Tuple[jax.Array, jax.Array]:
+  """Arg-max decoding of up to `max_length` tokens per sequence.
+
+  A sequence ends at its first EOS (kept in the output); the positions after
+  it hold 0. The loop stops as soon as every sequence has ended. With
+  `eos_id=None` no token ends a sequence and exactly `max_length` tokens are
+  decoded (benchmarks use this). Returns (tokens [batch, max_length] int32,
+  scores [batch] float32: the log-likelihood of the decoded tokens, zeros
+  unless `return_scores`).
+  """
+  def pick(logits, step):
+    del step
+    token = first_argmax(logits)
+    if not return_scores:
+      return token, jnp.zeros(token.shape, jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+
+  return _decode_loop(module, variables, encoder_input_tokens, max_length,
+                      eos_id, pick, max_steps)
+
+
+def transform_logits(logits: jax.Array, temperature: float, topk: int,
+                     topp: float) -> jax.Array:
+  """T5X's sampling distribution: logits / temperature, then only the top
+  `topk` tokens, or the smallest set whose probability reaches `topp`."""
+  logits = logits / max(temperature, 1e-4)
+  if topk:
+    kth = jax.lax.top_k(logits, topk)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  elif topp:
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass above each token
+    kept = jnp.where(before < topp, ordered, jnp.inf)
+    cutoff = jnp.min(kept, axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def temperature_sample(module: Transformer, variables,
+                       encoder_input_tokens: jax.Array, max_length: int, *,
+                       eos_id: Optional[int], rng: jax.Array,
+                       num_decodes: int = 1, temperature: float = 1.0,
+                       topk: int = 1, topp: float = 0.0,
+                       max_steps: Optional[int] = None
+                       ) -> Tuple[jax.Array, jax.Array]:
+  """Samples `num_decodes` sequences per example, as T5X's
+  temperature_sample: temperature 0 is arg-max; only one of topk and topp
+  may be non-zero (T5X's defaults: temperature 1, topk 1, i.e. greedy).
+
+  Returns (tokens [batch, num_decodes, max_length], scores [batch,
+  num_decodes]), each example's decodes sorted by increasing score; the
+  scores are log-probabilities under the transformed distribution (T5X's
+  rescale_log_probs). The same rng gives the same samples.
+  """
+  if topk and topp:
+    raise ValueError(f'temperature_sample: only one of topk ({topk}) and '
+                     f'topp ({topp}) may be non-zero')
+  batch_size = encoder_input_tokens.shape[0]
+  expanded = jnp.repeat(encoder_input_tokens, num_decodes, axis=0)
+
+  def pick(logits, step):
+    if temperature == 0:
+      token = first_argmax(logits)
+      log_probs = jax.nn.log_softmax(logits, axis=-1)
+    else:
+      log_probs = jax.nn.log_softmax(
+          transform_logits(logits, temperature, topk, topp), axis=-1)
+      token = jax.random.categorical(jax.random.fold_in(rng, step),
+                                     log_probs).astype(jnp.int32)
+    return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+
+  tokens, scores = _decode_loop(module, variables, expanded, max_length,
+                                eos_id, pick, max_steps)
+  tokens = tokens.reshape(batch_size, num_decodes, max_length)
+  scores = scores.reshape(batch_size, num_decodes)
+  order = jnp.argsort(scores, axis=-1)
+  return (jnp.take_along_axis(tokens, order[..., None], axis=1),
+          jnp.take_along_axis(scores, order, axis=1))
+
+
+def brevity_penalty(alpha: float, length) -> jax.Array:
+  """T5X's length normalisation: ((5 + length) / 6) ** alpha."""
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+class BeamState(NamedTuple):
+  """Beam search carry; K beams per example, flattened as batch * K rows for
+  the decoder.
+
+  live_tokens [batch, K, L], live_scores [batch, K] (summed log-probs);
+  finished_tokens [batch, K, L], finished_scores [batch, K] (log-probs over
+  the brevity penalty, -inf where empty); cache rows follow live beams.
+  """
+  step: jax.Array
+  live_tokens: jax.Array
+  live_scores: jax.Array
+  finished_tokens: jax.Array
+  finished_scores: jax.Array
+  cache: list
+
+
+def beam_search(module: Transformer, variables,
+                encoder_input_tokens: jax.Array, max_length: int, *,
+                eos_id: int, num_decodes: int = 4, alpha: float = 0.6,
+                max_steps: Optional[int] = None
+                ) -> Tuple[jax.Array, jax.Array]:
+  """Beam search with T5X's brevity penalty ((5 + length) / 6) ** alpha.
+
+  Keeps `num_decodes` live beams, choosing among twice as many candidates
+  each step; a candidate ending in EOS joins the finished set with its
+  length-normalised score. Stops early when no live beam can beat the
+  worst finished one. Returns (tokens [batch, K, max_length], scores [batch,
+  K]) sorted by increasing score (the best is last), 0 after EOS; an
+  example with no finished beam returns its live beams and log-probs.
+  """
+  cfg = module.config
+  k = num_decodes
+  batch_size = encoder_input_tokens.shape[0]
+  expanded = jnp.repeat(encoder_input_tokens, k, axis=0)
+  cross, self_bias_table, encoder_mask = _decoder_inputs(
+      module, variables, expanded, max_length)
+  steps = max_length if max_steps is None else min(max_steps, max_length)
+  neg_inf = jnp.array(-1e9, jnp.float32)  # finite: keeps the math NaN-free
+
+  def gather_beams(x, beams):
+    """x [batch, K0, ...], beams [batch, K1] indices -> [batch, K1, ...]."""
+    return jnp.take_along_axis(
+        x, beams.reshape(beams.shape + (1,) * (x.ndim - 2)), axis=1)
+
+  def gather_cache(cache, beams):
+    """Cache rows are [batch * K, ...]; reorder each example's K rows."""
+    def gather(c):
+      grouped = c.reshape((batch_size, k) + c.shape[1:])
+      return gather_beams(grouped, beams).reshape(c.shape)
+    return jax.tree_util.tree_map(gather, cache)
+
+  def should_continue(state: BeamState):
+    best_live = state.live_scores[:, -1] / brevity_penalty(alpha, steps)
+    worst_finished = state.finished_scores[:, 0]
+    can_improve = jnp.any(best_live > worst_finished)
+    return (state.step < steps) & can_improve
+
+  def search_one(state: BeamState) -> BeamState:
+    last = jax.lax.dynamic_slice_in_dim(state.live_tokens, state.step - 1, 1,
+                                        axis=2)[..., 0]
+    last = jnp.where(state.step == 0, cfg.decoder_start_id, last)
+    logits, cache = module.apply(variables, last.reshape(-1), state.step,
+                                 state.cache, self_bias_table, cross,
+                                 encoder_mask, method='decode_step')
+    log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(
+        batch_size, k, -1)
+    vocab = log_probs.shape[-1]
+    candidates = (state.live_scores[..., None] + log_probs).reshape(
+        batch_size, k * vocab)
+    top_scores, top_index = jax.lax.top_k(candidates, 2 * k)
+    top_beam, top_token = top_index // vocab, top_index % vocab
+    top_tokens = gather_beams(state.live_tokens, top_beam)
+    top_tokens = jax.lax.dynamic_update_slice_in_dim(
+        top_tokens, top_token[..., None].astype(jnp.int32), state.step,
+        axis=2)
+    ended = top_token == eos_id
+    # Live: the best K candidates that did not end, kept in increasing
+    # order of score (top_k gives decreasing order).
+    live_scores, live_pick = jax.lax.top_k(
+        jnp.where(ended, neg_inf, top_scores), k)
+    live_scores, live_pick = live_scores[:, ::-1], live_pick[:, ::-1]
+    live_tokens = gather_beams(top_tokens, live_pick)
+    cache = gather_cache(cache, gather_beams(top_beam, live_pick))
+    # Finished: the candidates that ended, merged into the finished set.
+    new_finished = jnp.where(
+        ended, top_scores / brevity_penalty(alpha, state.step + 1), neg_inf)
+    all_scores = jnp.concatenate([state.finished_scores, new_finished], 1)
+    all_tokens = jnp.concatenate([state.finished_tokens, top_tokens], 1)
+    finished_scores, finished_pick = jax.lax.top_k(all_scores, k)
+    finished_scores = finished_scores[:, ::-1]
+    finished_tokens = gather_beams(all_tokens, finished_pick[:, ::-1])
+    return BeamState(state.step + 1, live_tokens, live_scores,
+                     finished_tokens, finished_scores, cache)
+
+  live_scores = jnp.concatenate(
+      [jnp.full((batch_size, k - 1), neg_inf), jnp.zeros((batch_size, 1))], 1)
+  initial = BeamState(
+      step=jnp.array(0, jnp.int32),
+      live_tokens=jnp.zeros((batch_size, k, max_length), jnp.int32),
+      live_scores=live_scores,
+      finished_tokens=jnp.zeros((batch_size, k, max_length), jnp.int32),
+      finished_scores=jnp.full((batch_size, k), neg_inf),
+      cache=module.init_cache(batch_size * k, max_length))
+  final = jax.lax.while_loop(should_continue, search_one, initial)
+  any_finished = final.finished_scores[:, -1] > neg_inf / 2
+  tokens = jnp.where(any_finished[:, None, None], final.finished_tokens,
+                     final.live_tokens)
+  scores = jnp.where(any_finished[:, None], final.finished_scores,
+                     final.live_scores)
+  return tokens, scores
 
 
 def token_log_likelihoods(module: Transformer, variables,

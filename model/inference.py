@@ -19,7 +19,8 @@ from typing import Mapping, Optional, Tuple, Union
 import jax
 import numpy as np
 
-from model import checkpoints, decoding
+from model import checkpoints
+from model import decoding as decoding_lib
 from model.config import T5Config
 from model.network import Transformer, prepare_variables
 
@@ -36,11 +37,11 @@ class InferenceModel:
     # Only the prepared variables are kept: fused kernels replace the
     # kernels they were made from, so memory stays that of the checkpoint.
     self.variables = prepare_variables(self.module, jax.device_put(params))
-    self._predict = jax.jit(
-        functools.partial(decoding.greedy_decode, self.module),
-        static_argnames=('max_length', 'eos_id', 'return_scores'))
+    self._decode = jax.jit(
+        functools.partial(decoding_lib.decode, self.module),
+        static_argnames=('max_length', 'eos_id', 'config', 'return_scores'))
     self._score = jax.jit(
-        functools.partial(decoding.token_log_likelihoods, self.module))
+        functools.partial(decoding_lib.token_log_likelihoods, self.module))
 
   @classmethod
   def load(cls, path: str, config: Optional[T5Config] = None,
@@ -60,27 +61,39 @@ class InferenceModel:
     return model
 
   def predict_batch(self, batch: Batch, *, max_length: Optional[int] = None,
-                    return_scores: bool = False, stop_at_eos: bool = True
+                    return_scores: bool = False, stop_at_eos: bool = True,
+                    decoding: Optional[decoding_lib.DecodingConfig] = None,
+                    rng: Optional[jax.Array] = None
                     ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
-    """Greedy decodes, [batch, max_length] int32, 0 after each EOS.
+    """Decodes the batch; greedy unless `decoding` says otherwise.
 
-    `max_length` defaults to the width of `decoder_input_tokens` (the
-    targets feature length, as in T5X). With `return_scores`, also the
-    log-likelihood of each decoded sequence. `stop_at_eos=False` decodes
-    exactly `max_length` tokens whatever is produced (for benchmarks).
+    Returns tokens [batch, max_length] int32 (0 after each EOS), or
+    [batch, num_decodes, max_length] when `decoding.return_all_decodes`
+    (sorted by increasing score, as T5X). `max_length` defaults to the width
+    of `decoder_input_tokens` (the targets feature length, as in T5X). With
+    `return_scores`, also each decode's log-likelihood (beam search: over
+    the brevity penalty). `stop_at_eos=False` decodes exactly `max_length`
+    tokens whatever is produced (for benchmarks). Sampling needs `rng`.
     """
     if max_length is None:
       if 'decoder_input_tokens' not in batch:
         raise ValueError('predict_batch needs max_length or a '
                          "'decoder_input_tokens' feature to size the output")
       max_length = batch['decoder_input_tokens'].shape[1]
-    tokens, scores = self._predict(
+    config = decoding or decoding_lib.DecodingConfig()
+    if config.needs_rng and rng is None:
+      raise ValueError('temperature sampling needs an rng key')
+    if rng is None:
+      rng = jax.random.PRNGKey(0)
+    tokens, scores = self._decode(
         self.variables, np.asarray(batch['encoder_input_tokens'], np.int32),
-        max_length=max_length,
-        eos_id=self.config.eos_id if stop_at_eos else None,
-        return_scores=return_scores)
-    tokens = np.asarray(tokens)
-    return (tokens, np.asarray(scores)) if return_scores else tokens
+        rng, max_length=max_length,
+        eos_id=self.config.eos_id if stop_at_eos else None, config=config,
+        return_scores=return_scores or config.strategy != 'greedy')
+    tokens, scores = np.asarray(tokens), np.asarray(scores)
+    if not config.return_all_decodes:
+      tokens, scores = tokens[:, -1], scores[:, -1]
+    return (tokens, scores) if return_scores else tokens
 
   def score_batch(self, batch: Batch, *, return_token_scores: bool = False
                   ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:

@@ -7,6 +7,7 @@ import json
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from model.config import T5Config
+from model.decoding import DecodingConfig
 
 MODES = ('predict', 'score', 'predict_with_aux')
 
@@ -37,8 +38,15 @@ class InferConfig:
   # None: the same as restore_dtype.
   activation_dtype: Optional[str] = None
   output_ids: bool = False
-  # Decoding settings, recorded in the fingerprint; greedy when empty.
-  decoding: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # The record's `inputs`: by default the task's *_pretokenized features;
+  # include_all_inputs puts every task feature there (token ids as lists);
+  # input_fields_to_include names fields (with their _pretokenized forms).
+  include_all_inputs: bool = False
+  input_fields_to_include: Optional[Tuple[str, ...]] = None
+  # How to decode (greedy by default); recorded in the fingerprint.
+  decoding: DecodingConfig = DecodingConfig()
+  # Seed of the sampling keys; each chunk folds in its own identity.
+  seed: int = 0
   # Replace whatever a different run left in output_dir.
   overwrite: bool = False
   # Plain input files instead of a registered task (pipeline.file_tasks);
@@ -55,6 +63,10 @@ class InferConfig:
     if self.num_input_shards is not None and self.num_input_shards < 1:
       raise ValueError('num_input_shards must be at least 1, got '
                        f'{self.num_input_shards}')
+    if self.include_all_inputs and self.input_fields_to_include is not None:
+      raise ValueError('infer.include_all_inputs and '
+                       'infer.input_fields_to_include cannot both be set; '
+                       'choose one')
     for feature in ('inputs', 'targets'):
       if feature not in self.task_feature_lengths:
         raise ValueError(
@@ -78,7 +90,8 @@ class InferConfig:
         'split': self.split,
         'task_feature_lengths': dict(sorted(self.task_feature_lengths.items())),
         'mode': self.mode,
-        'decoding': dict(sorted(self.decoding.items())),
+        'decoding': dataclasses.asdict(self.decoding),
+        'seed': self.seed,
         'batch_size': self.batch_size,
         'checkpoint_period': self.checkpoint_period,
         'num_input_shards': self.num_input_shards,
@@ -88,6 +101,10 @@ class InferConfig:
         'restore_dtype': self.restore_dtype,
         'activation_dtype': self.activation_dtype or self.restore_dtype,
         'output_ids': self.output_ids,
+        'include_all_inputs': self.include_all_inputs,
+        'input_fields_to_include': (list(self.input_fields_to_include)
+                                    if self.input_fields_to_include is not None
+                                    else None),
         'input_files': (list(self.file_task.file_patterns)
                         if self.file_task else None),
     }

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+import zlib
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
@@ -117,10 +118,21 @@ def _json_value(value: Any) -> Any:
   return value
 
 
-def record_inputs(task_example: Dict[str, Any]) -> Dict[str, Any]:
-  """The record's `inputs`: the task's `*_pretokenized` features."""
+def record_inputs(task_example: Dict[str, Any],
+                  config: Optional[InferConfig] = None) -> Dict[str, Any]:
+  """The record's `inputs`, as T5X writes them: the `*_pretokenized`
+  features, or all features (include_all_inputs), or the named fields and
+  their `_pretokenized` forms (input_fields_to_include)."""
+  if config is not None and config.include_all_inputs:
+    keep = lambda k: True
+  elif config is not None and config.input_fields_to_include is not None:
+    fields = set(config.input_fields_to_include)
+    fields |= {f'{f}_pretokenized' for f in fields}
+    keep = lambda k: k in fields
+  else:
+    keep = lambda k: k.endswith('_pretokenized')
   return {k: _json_value(v) for k, v in sorted(task_example.items())
-          if k.endswith('_pretokenized')}
+          if keep(k)}
 
 
 class ReadShard(beam.DoFn):
@@ -164,7 +176,7 @@ class ReadShard(beam.DoFn):
       features = {k: np.asarray(v, np.int32)
                   for k, v in model_features.items()}
       yield ((task_name, shard, chunk),
-             (index, record_inputs(task_example), features))
+             (index, record_inputs(task_example, config), features))
     _counter('chunks_skipped').inc(len(skipped_chunks))
     _counter('examples_read').inc(count)
     # For progress reporting: the shard's size fixes its number of chunks.
@@ -200,10 +212,24 @@ def warm_up_batch(config: InferConfig) -> Dict[str, np.ndarray]:
           'decoder_loss_weights': tokens}
 
 
-def run_model(model, config: InferConfig, batch) -> Dict[str, np.ndarray]:
+def batch_rng(config: InferConfig, chunk_key, batch_index: int):
+  """The sampling key of one batch: derived from the chunk's identity, so a
+  resumed, retried or multi-worker run samples exactly as a straight run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  task_name, shard, chunk = chunk_key
+  key = jax.random.PRNGKey(config.seed)
+  for part in (zlib.crc32(task_name.encode()) & 0x7FFFFFFF, shard, chunk,
+               batch_index):
+    key = jax.random.fold_in(key, part)
+  return key
+
+
+def run_model(model, config: InferConfig, batch,
+              rng=None) -> Dict[str, np.ndarray]:
   """{'tokens', 'scores'} for predict modes, {'scores'} for score mode."""
   if config.mode in ('predict', 'predict_with_aux'):
-    tokens, scores = model.predict_batch(batch, return_scores=True)
+    tokens, scores = model.predict_batch(batch, return_scores=True,
+                                         decoding=config.decoding, rng=rng)
     return {'tokens': tokens, 'scores': scores}
   return {'scores': model.score_batch(batch)}
 
@@ -217,7 +243,9 @@ def load_model(config: InferConfig):
                               dtype=config.restore_dtype,
                               activation_dtype=config.activation_dtype)
   loaded = time.perf_counter()
-  run_model(model, config, warm_up_batch(config))
+  run_model(model, config, warm_up_batch(config),
+            batch_rng(config, ('warm-up', 0, 0), 0)
+            if config.decoding.needs_rng else None)
   compiled = time.perf_counter()
   logging.info('t5beam: process %d loaded the model in %.1f s and compiled '
                'batch shape %d in %.1f s', os.getpid(), loaded - start,
@@ -304,27 +332,48 @@ class InferChunk(beam.DoFn):
     vocabulary = self._vocabulary(task_name)
     lines = []
     decoded_tokens = 0
-    for batch, real in _batches(examples, config.batch_size):
+    for index, (batch, real) in enumerate(_batches(examples,
+                                                   config.batch_size)):
       batch_examples = examples[len(lines):len(lines) + real]
-      outputs = {k: v[:real] for k, v in run_model(model, config,
-                                                      batch).items()}
+      rng = (batch_rng(config, chunk_key, index)
+             if config.decoding.needs_rng else None)
+      outputs = {k: v[:real] for k, v in run_model(model, config, batch,
+                                                      rng).items()}
       _maybe_inject_fault(*chunk_key)
       for i, (_, inputs, _) in enumerate(batch_examples):
         record = {'inputs': inputs}
         if 'tokens' in outputs:
-          ids = outputs['tokens'][i]
-          length = int(np.argmax(ids == 0)) if (ids == 0).any() else len(ids)
-          ids = ids[:length].tolist()
-          decoded_tokens += len(ids)
-          record['prediction'] = vocabulary.decode(ids)
-          if config.output_ids:
-            record['prediction_tokens'] = ids
-          if config.mode == 'predict_with_aux':
-            record['aux'] = {'scores': float(outputs['scores'][i])}
+          record.update(_prediction_fields(
+              config, vocabulary, outputs['tokens'][i],
+              outputs['scores'][i]))
+          decoded_tokens += int(np.sum(outputs['tokens'][i] > 0))
         else:
           record['score'] = float(outputs['scores'][i])
         lines.append(json.dumps(record) + '\n')
     return lines, decoded_tokens
+
+
+def _prediction_fields(config: InferConfig, vocabulary, tokens: np.ndarray,
+                       scores) -> Dict[str, Any]:
+  """`prediction` (+ `prediction_tokens`, `aux`) of one example; lists of
+  all decodes (increasing score) when return_all_decodes."""
+  def cut(ids):
+    ids = ids.tolist()
+    return ids[:ids.index(0)] if 0 in ids else ids
+
+  if tokens.ndim == 2:
+    ids = [cut(row) for row in tokens]
+    fields = {'prediction': [vocabulary.decode(i) for i in ids]}
+    score = [float(s) for s in scores]
+  else:
+    ids = cut(tokens)
+    fields = {'prediction': vocabulary.decode(ids)}
+    score = float(scores)
+  if config.output_ids:
+    fields['prediction_tokens'] = ids
+  if config.mode == 'predict_with_aux':
+    fields['aux'] = {'scores': score}
+  return fields
 
 
 # --- merge and finish ---------------------------------------------------------

@@ -50,20 +50,21 @@ def output_files(directory: str):
 
 
 RUN_SCRIPT = r'''
-import json, sys
+import pickle, sys
 sys.path.insert(0, {repo!r})
 from apache_beam.options.pipeline_options import PipelineOptions
-from pipeline.config import InferConfig
 from pipeline.run import run_inference
-from model.config import T5Config
-settings = json.loads(sys.argv[1])
-settings['model_config'] = None
-result = run_inference(InferConfig(**settings), PipelineOptions(sys.argv[2:]))
-print('RESULT ' + json.dumps({{'status': result.status, 'counters': result.counters}}))
+with open(sys.argv[1], 'rb') as f:
+  config = pickle.load(f)
+run_inference(config, PipelineOptions(sys.argv[2:]))
 '''
 
 
-def run_script_command(settings: dict, options):
-  """argv of a child process that runs `settings` with pipeline `options`."""
-  return [sys.executable, '-c', RUN_SCRIPT.format(repo=REPO),
-          json.dumps(settings)] + list(options)
+def run_script_command(config, options, workdir):
+  """argv of a child process that runs `config` with pipeline `options`."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  path = os.path.join(str(workdir), 'config.pickle')
+  with open(path, 'wb') as f:
+    pickle.dump(config, f)
+  return [sys.executable, '-c', RUN_SCRIPT.format(repo=REPO), path] + list(
+      options)

@@ -282,3 +282,52 @@ TASK_FEATURE_LENGTHS = {{'inputs': 38, 'targets': 18}}
   assert manifest['settings']['model_config']['d_ff'] == 1024
   assert 'total parameters: 76,961,152' in (output / 'model-info.txt'
                                             ).read_text()
+
+
+def test_decoding_gin_names_reach_the_run(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(env))
+  output = tmp_path / 'out'
+  status, stderr = launch([
+      f'--gin_file={gin_file}', f'--gin.INFER_OUTPUT_DIR="{output}"',
+      '--gin.infer.decode_fn=@decoding.beam_search',
+      '--gin.infer.num_decodes=3', '--gin.decoding.beam_search.alpha=0.0',
+      "--gin.infer.mode='predict_with_aux'"])
+  assert status == 0, stderr
+  manifest = json.loads((output / 't5beam_test_one_file-predict_with_aux'
+                         '.manifest.json').read_text())
+  decoding = manifest['settings']['decoding']
+  assert (decoding['strategy'], decoding['num_decodes'], decoding['alpha']) == (
+      'beam_search', 3, 0.0)
+  records = helpers.read_records(
+      output / 't5beam_test_one_file-predict_with_aux.jsonl-00000-of-00001')
+  assert isinstance(records[0]['prediction'], str)
+  assert records[0]['aux']['scores'] <= 0
+
+
+def test_sampling_settings_reach_the_run(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(env))
+  output = tmp_path / 'out'
+  status, stderr = launch([
+      f'--gin_file={gin_file}', f'--gin.INFER_OUTPUT_DIR="{output}"',
+      '--gin.infer.decode_fn=@decoding.temperature_sample',
+      '--gin.decoding.temperature_sample.topk=0',
+      '--gin.decoding.temperature_sample.topp=0.9',
+      '--gin.decoding.temperature_sample.temperature=0.7',
+      '--gin.decoding.temperature_sample.max_decode_steps=3',
+      '--gin.infer.num_decodes=2', '--gin.infer.return_all_decodes=True'])
+  assert status == 0, stderr
+  records = helpers.read_records(
+      output / 't5beam_test_one_file-predict.jsonl-00000-of-00001')
+  assert all(len(r['prediction']) == 2 for r in records)
+  manifest = json.loads((output / 't5beam_test_one_file-predict'
+                         '.manifest.json').read_text())
+  assert manifest['settings']['decoding']['topp'] == 0.9
+
+
+def test_num_decodes_without_a_decoder_is_refused(env, tmp_path):
+  gin_file = write_gin(tmp_path, user_gin(env))
+  output = tmp_path / 'out'
+  assert_refused(*launch([f'--gin_file={gin_file}',
+                          f'--gin.INFER_OUTPUT_DIR="{output}"',
+                          '--gin.infer.num_decodes=4']), output,
+                 'num_decodes > 1 needs')

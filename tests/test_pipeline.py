@@ -196,8 +196,7 @@ def test_killed_run_resumes_to_identical_files_inferring_only_the_rest(
   reference_dir, _ = reference_run
   output = tmp_path / 'out'
   config = make_config(env, output, batch_size=1, checkpoint_period=2)
-  settings = {k: v for k, v in config.__dict__.items()}
-  command = helpers.run_script_command(settings, IN_MEMORY)
+  command = helpers.run_script_command(config, IN_MEMORY, tmp_path)
   chunk_dir = plan.layout(config, TWO_FILES).chunk_dir
   child = subprocess.Popen(command, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -220,3 +219,112 @@ def test_killed_run_resumes_to_identical_files_inferring_only_the_rest(
   assert result.counters['chunks_inferred'] == total_chunks - len(finished)
   assert result.counters['chunks_skipped'] == len(finished)
   assert helpers.output_files(output) == helpers.output_files(reference_dir)
+
+
+def _sampling(**overrides):
+  from model.decoding import DecodingConfig  # pylint: disable=g-import-not-at-top
+  settings = dict(strategy='temperature_sample', topk=0, temperature=1.0,
+                  num_decodes=2, return_all_decodes=True)
+  settings.update(overrides)
+  return DecodingConfig(**settings)
+
+
+@pytest.fixture(scope='module')
+def sampling_run(env):
+  output = env['tmp'].mktemp('sampling')
+  run(make_config(env, output, mode='predict_with_aux', decoding=_sampling()))
+  return output
+
+
+def test_samples_are_all_decodes_sorted_with_their_scores(sampling_run):
+  records = helpers.read_records(
+      sampling_run / f'{TWO_FILES}-predict_with_aux.jsonl-00000-of-00001')
+  assert len(records) == 34
+  for record in records:
+    assert len(record['prediction']) == 2
+    scores = record['aux']['scores']
+    assert len(scores) == 2 and scores[0] <= scores[1] <= 0
+  # Not all examples drew the same two samples.
+  assert len({tuple(r['prediction']) for r in records}) > 20
+
+
+def test_samples_do_not_depend_on_workers_or_retries(env, sampling_run,
+                                                     tmp_path, monkeypatch):
+  from pipeline import transforms  # pylint: disable=g-import-not-at-top
+  expected = helpers.output_files(sampling_run)
+  multi = tmp_path / 'multi'
+  run(make_config(env, multi, mode='predict_with_aux', decoding=_sampling()),
+      MULTI_PROCESS)
+  assert helpers.output_files(multi) == expected
+  marker = tmp_path / 'fault-fired'
+  monkeypatch.setenv(transforms.FAULT_ONCE_ENV, f'{TWO_FILES}:1:0={marker}')
+  retried = tmp_path / 'retried'
+  run(make_config(env, retried, mode='predict_with_aux', decoding=_sampling()),
+      ['--runner=BundleBasedDirectRunner'])
+  assert marker.exists()
+  assert helpers.output_files(retried) == expected
+
+
+def test_resumed_sampling_run_draws_the_same_samples(env, sampling_run,
+                                                      tmp_path):
+  from pipeline import files, plan  # pylint: disable=g-import-not-at-top
+  output = tmp_path / 'resumed'
+  config = make_config(env, output, mode='predict_with_aux',
+                       decoding=_sampling())
+  run(config)
+  layout = plan.layout(config, TWO_FILES)
+  # Make the finished run look like one killed after two chunks: keep the
+  # chunk files of shard 0 chunks 0 and 1 (recomputed here from a straight
+  # run's records) and remove the final outputs.
+  records = (output / f'{TWO_FILES}-predict_with_aux.jsonl-00000-of-00001'
+             ).read_text().splitlines(keepends=True)
+  for name in os.listdir(output):
+    if name.startswith(TWO_FILES):
+      os.remove(output / name)
+  files.write_atomically(layout.chunk_path(0, 2, 0),
+                         ''.join(records[:8]).encode())
+  files.write_atomically(layout.chunk_path(0, 2, 1),
+                         ''.join(records[8:16]).encode())
+  result = run(config)
+  assert result.counters['chunks_inferred'] == 3
+  assert helpers.output_files(output) == helpers.output_files(sampling_run)
+
+
+def test_score_mode_writes_the_targets_log_likelihood(env, tmp_path):
+  import seqio  # pylint: disable=g-import-not-at-top
+  from model.inference import InferenceModel  # pylint: disable=g-import-not-at-top
+  output = tmp_path / 'score'
+  run(make_config(env, output, mode='score',
+                  mixture_or_task_name='t5beam_test_one_file'))
+  records = helpers.read_records(
+      output / 't5beam_test_one_file-score.jsonl-00000-of-00001')
+  task = seqio.get_mixture_or_task('t5beam_test_one_file')
+  lengths = {'inputs': 24, 'targets': 8}
+  ds = seqio.EncDecFeatureConverter(pack=False)(
+      task.get_dataset(lengths, split='test', shuffle=False), lengths)
+  examples = list(ds.as_numpy_iterator())
+  batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  expected = InferenceModel.load(env['checkpoint']).score_batch(batch)
+  np.testing.assert_allclose([r['score'] for r in records], expected,
+                             atol=1e-5)
+  assert set(records[0]) == {'inputs', 'score'}
+
+
+def test_input_options_choose_the_inputs_fields(env, tmp_path):
+  output = tmp_path / 'all'
+  run(make_config(env, output, include_all_inputs=True,
+                  mixture_or_task_name='t5beam_test_one_file'))
+  record = helpers.read_records(
+      output / 't5beam_test_one_file-predict.jsonl-00000-of-00001')[0]
+  assert set(record['inputs']) == {'inputs', 'inputs_pretokenized',
+                                   'targets', 'targets_pretokenized'}
+  assert record['inputs']['inputs'][-1] == 1  # token ids, EOS last
+  output = tmp_path / 'some'
+  run(make_config(env, output, input_fields_to_include=('targets',),
+                  mixture_or_task_name='t5beam_test_one_file'))
+  record = helpers.read_records(
+      output / 't5beam_test_one_file-predict.jsonl-00000-of-00001')[0]
+  assert set(record['inputs']) == {'targets', 'targets_pretokenized'}
+  with pytest.raises(ValueError, match='cannot both be set'):
+    make_config(env, output, include_all_inputs=True,
+                input_fields_to_include=('targets',))
