@@ -13,6 +13,7 @@ cast to the dtype asked for, as numpy arrays.
 
 import json
 import os
+import re
 import struct
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
@@ -27,7 +28,9 @@ Params = Dict[str, Any]
 CONFIG_FILE = 't5_config.json'
 FORMATS_LOOKED_FOR = (
     "Hugging Face 'config.json' with 'model.safetensors' or "
-    "'model.safetensors.index.json', or an Orbax checkpoint ('_METADATA')")
+    "'model.safetensors.index.json', an Orbax checkpoint ('_METADATA'), or a "
+    "TensorFlow / Mesh TensorFlow checkpoint (PATH.index, or a 'checkpoint' "
+    "file in the directory)")
 
 
 class CheckpointError(ValueError):
@@ -58,7 +61,9 @@ def _read_json(path: str) -> Dict[str, Any]:
 
 
 def detect_format(path: str) -> str:
-  """'huggingface' or 'orbax'; CheckpointError when neither is at `path`."""
+  """'huggingface', 'orbax' or 'tensorflow'; CheckpointError otherwise."""
+  if _exists(path + '.index'):
+    return 'tensorflow'
   if not _exists(path):
     raise CheckpointError(
         f'CHECKPOINT_PATH {path!r} not found: nothing exists at that path; '
@@ -76,6 +81,8 @@ def detect_format(path: str) -> str:
   if (_exists(_join(path, '_METADATA')) or
       _exists(_join(path, '_CHECKPOINT_METADATA'))):
     return 'orbax'
+  if _exists(_join(path, 'checkpoint')) and _latest_tensorflow(path):
+    return 'tensorflow'
   raise CheckpointError(
       f'CHECKPOINT_PATH {path!r} holds no recognised checkpoint: looked for '
       f'{FORMATS_LOOKED_FOR}')
@@ -87,6 +94,8 @@ def read_config(path: str) -> Optional[T5Config]:
   fmt = detect_format(path)
   if fmt == 'huggingface':
     return config_from_huggingface(_read_json(_join(path, 'config.json')))
+  if fmt == 'tensorflow':
+    return None  # Mesh TensorFlow checkpoints do not record it
   config_path = _join(path, CONFIG_FILE)
   if _exists(config_path):
     return T5Config.from_dict(_read_json(config_path))
@@ -111,6 +120,8 @@ def load_checkpoint(path: str, config: Optional[T5Config] = None,
   fmt = detect_format(path)
   if fmt == 'huggingface':
     stored_config, params = read_huggingface(path)
+  elif fmt == 'tensorflow':
+    stored_config, params = read_tensorflow(path, config)
   else:
     stored_config, params = read_orbax(path, config)
   if config is not None:
@@ -424,3 +435,79 @@ def read_orbax(path: str, config: Optional[T5Config]
   restored = ocp.StandardCheckpointer().restore(
       os.path.abspath(path) if '://' not in path else path)
   return stored, _map_tree(np.asarray, restored)
+
+
+# --- TensorFlow / Mesh TensorFlow (the original T5 releases) ------------------
+
+_MTF_SLOT = re.compile(r'_slot_(vc|vr|v|m)$')
+_MTF_BLOCK = re.compile(
+    r'^(encoder|decoder)/block_(\d+)/layer_(\d+)/(.+)$')
+_MTF_ATTENTION = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
+
+
+def _latest_tensorflow(directory: str) -> Optional[str]:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.train.latest_checkpoint(directory)
+
+
+def tensorflow_name(name: str) -> Optional[str]:
+  """Our parameter name for a Mesh TensorFlow T5 variable name; None for
+  what inference does not use (optimizer slots, the step counter).
+  CheckpointError for a variable that has no place in the model."""
+  if name == 'global_step' or _MTF_SLOT.search(name):
+    return None
+  if name == 'shared/embedding':
+    return 'token_embedder/embedding'
+  if name in ('decoder/logits/kernel', 'transformer/logits/kernel'):
+    return 'decoder/logits_dense/kernel'
+  for tower, norm in (('encoder', 'encoder_norm'), ('decoder', 'decoder_norm')):
+    if name in (f'{tower}/final_layer_norm/scale', f'{tower}/rms_norm/scale'):
+      return f'{tower}/{norm}/scale'
+  match = _MTF_BLOCK.match(name)
+  if match:
+    tower, block, layer, rest = (match.group(1), int(match.group(2)),
+                                 int(match.group(3)), match.group(4))
+    ours = f'{tower}/layers_{block}'
+    if rest == 'SelfAttention/relative_attention_bias' and layer == 0:
+      return (f'{tower}/relpos_bias/rel_embedding' if block == 0 else
+              f'{ours}/relpos_bias/rel_embedding')
+    if tower == 'encoder':
+      norms = ['pre_attention_layer_norm', 'pre_mlp_layer_norm']
+      attention = {0: ('SelfAttention', 'attention')}
+    else:
+      norms = ['pre_self_attention_layer_norm',
+               'pre_cross_attention_layer_norm', 'pre_mlp_layer_norm']
+      attention = {0: ('SelfAttention', 'self_attention'),
+                   1: ('EncDecAttention', 'encoder_decoder_attention')}
+    if rest in ('layer_norm/scale', 'rms_norm/scale') and layer < len(norms):
+      return f'{ours}/{norms[layer]}/scale'
+    if layer in attention:
+      theirs, attention_name = attention[layer]
+      for short, long in _MTF_ATTENTION.items():
+        if rest == f'{theirs}/{short}':
+          return f'{ours}/{attention_name}/{long}/kernel'
+    if layer == len(norms) - 1:
+      for kernel in ('wi', 'wi_0', 'wi_1', 'wo'):
+        if rest == f'DenseReluDense/{kernel}/kernel':
+          return f'{ours}/mlp/{kernel}/kernel'
+  raise CheckpointError(
+      f'TensorFlow checkpoint variable {name!r} has no place in a T5 model '
+      '(unmapped); is this a T5 checkpoint?')
+
+
+def read_tensorflow(path: str, config: Optional[T5Config]
+                    ) -> Tuple[T5Config, Params]:
+  """Reads a (Mesh) TensorFlow T5 checkpoint with TensorFlow's reader."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if config is None:
+    raise CheckpointError(
+        f'TensorFlow checkpoint {path!r} does not record its architecture; '
+        "include the model's Gin file (e.g. 'models/t5_1_1_small.gin')")
+  prefix = path if _exists(path + '.index') else _latest_tensorflow(path)
+  reader = tf.train.load_checkpoint(prefix)
+  flat = {}
+  for name in sorted(reader.get_variable_to_shape_map()):
+    ours = tensorflow_name(name)
+    if ours is not None:
+      flat[ours] = np.asarray(reader.get_tensor(name))
+  return config, unflatten(flat)

@@ -141,3 +141,96 @@ def test_orbax_shape_mismatch_names_the_parameter(hf_dir, tmp_path):
   with pytest.raises(CheckpointError,
                      match="'encoder/layers_0/mlp/wi_0/kernel' .* shape"):
     checkpoints.load_checkpoint(path, config=config.replace(d_ff=48))
+
+
+def _mesh_tensorflow_variables(config, params):
+  """Our parameters under the variable names of the original T5 (Mesh
+  TensorFlow) checkpoints, plus the optimizer slots and step they carry."""
+  flat = checkpoints.flatten(params)
+  out = {'shared/embedding': flat['token_embedder/embedding'],
+         'global_step': np.array(1110000, np.int64)}
+  for tower, layers, blocks in (
+      ('encoder', config.num_encoder_layers,
+       [('SelfAttention', 'attention', 'pre_attention_layer_norm')]),
+      ('decoder', config.num_decoder_layers,
+       [('SelfAttention', 'self_attention', 'pre_self_attention_layer_norm'),
+        ('EncDecAttention', 'encoder_decoder_attention',
+         'pre_cross_attention_layer_norm')])):
+    out[f'{tower}/block_000/layer_000/SelfAttention/relative_attention_bias'] = (
+        flat[f'{tower}/relpos_bias/rel_embedding'])
+    norm = 'encoder_norm' if tower == 'encoder' else 'decoder_norm'
+    out[f'{tower}/rms_norm/scale'] = flat[f'{tower}/{norm}/scale']
+    for i in range(layers):
+      block = f'{tower}/block_{i:03d}'
+      for j, (theirs, ours, layer_norm) in enumerate(blocks):
+        out[f'{block}/layer_{j:03d}/rms_norm/scale'] = flat[
+            f'{tower}/layers_{i}/{layer_norm}/scale']
+        for short, long in (('q', 'query'), ('k', 'key'), ('v', 'value'),
+                            ('o', 'out')):
+          value = flat[f'{tower}/layers_{i}/{ours}/{long}/kernel']
+          out[f'{block}/layer_{j:03d}/{theirs}/{short}'] = value
+          out[f'{block}/layer_{j:03d}/{theirs}/{short}_slot_vr'] = (
+              np.ones(value.shape[:1], np.float32))
+      mlp = f'{block}/layer_{len(blocks):03d}'
+      out[f'{mlp}/rms_norm/scale'] = flat[
+          f'{tower}/layers_{i}/pre_mlp_layer_norm/scale']
+      for kernel in ('wi_0', 'wi_1', 'wo'):
+        out[f'{mlp}/DenseReluDense/{kernel}/kernel'] = flat[
+            f'{tower}/layers_{i}/mlp/{kernel}/kernel']
+  out['decoder/logits/kernel'] = flat['decoder/logits_dense/kernel']
+  return out
+
+
+def _write_tensorflow_checkpoint(prefix, variables):
+  """Saves `variables` with TensorFlow's own (TF1-style) Saver."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  graph = tf.Graph()
+  with graph.as_default():
+    for name, value in variables.items():
+      tf.compat.v1.Variable(value, name=name)
+    saver = tf.compat.v1.train.Saver()
+    with tf.compat.v1.Session() as session:
+      session.run(tf.compat.v1.global_variables_initializer())
+      return saver.save(session, prefix, global_step=1110000)
+
+
+def test_mesh_tensorflow_checkpoint_gives_identical_predictions(
+    hf_dir, tmp_path, encoder_tokens):
+  config, params = checkpoints.load_checkpoint(hf_dir)
+  saved = _write_tensorflow_checkpoint(
+      str(tmp_path / 'model.ckpt'), _mesh_tensorflow_variables(config, params))
+  assert saved.endswith('model.ckpt-1110000')
+  assert checkpoints.detect_format(saved) == 'tensorflow'
+  assert checkpoints.detect_format(str(tmp_path)) == 'tensorflow'
+  expected = _predict(InferenceModel(config, params), encoder_tokens)
+  for path in (saved, str(tmp_path)):  # the prefix, or its directory
+    actual = _predict(InferenceModel.load(path, config=config),
+                      encoder_tokens)
+    np.testing.assert_array_equal(actual[0], expected[0])
+    np.testing.assert_array_equal(actual[1], expected[1])
+  bf16 = InferenceModel.load(saved, config=config, dtype='bfloat16')
+  assert bf16.config.param_dtype == 'bfloat16'
+
+
+def test_mesh_tensorflow_errors_name_the_problem(hf_dir, tmp_path):
+  config, params = checkpoints.load_checkpoint(hf_dir)
+  variables = _mesh_tensorflow_variables(config, params)
+  saved = _write_tensorflow_checkpoint(str(tmp_path / 'a' / 'model.ckpt'),
+                                       variables)
+  with pytest.raises(CheckpointError, match='does not record its '
+                     'architecture.*model'):
+    checkpoints.load_checkpoint(saved)
+  extra = dict(variables, **{'encoder/block_000/layer_000/Adapter/w':
+                             np.zeros(3, np.float32)})
+  saved = _write_tensorflow_checkpoint(str(tmp_path / 'b' / 'model.ckpt'),
+                                       extra)
+  with pytest.raises(CheckpointError, match="'encoder/block_000/layer_000/"
+                     "Adapter/w' has no place"):
+    checkpoints.load_checkpoint(saved, config=config)
+  missing = {k: v for k, v in variables.items()
+             if k != 'decoder/block_001/layer_002/DenseReluDense/wo/kernel'}
+  saved = _write_tensorflow_checkpoint(str(tmp_path / 'c' / 'model.ckpt'),
+                                       missing)
+  with pytest.raises(CheckpointError,
+                     match="lacks 1 parameter.*decoder/layers_1/mlp/wo"):
+    checkpoints.load_checkpoint(saved, config=config)
