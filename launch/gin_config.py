@@ -105,6 +105,7 @@ def infer(*,  # pylint: disable=invalid-name
           activation_dtype: Optional[str] = None,
           output_ids: bool = False,
           include_all_inputs: bool = False,
+          return_intermediates: bool = False,
           input_fields_to_include: Optional[Sequence[str]] = None,
           overwrite: bool = False,
           file_task: Optional[FileTaskSpec] = None,
@@ -145,6 +146,7 @@ def infer(*,  # pylint: disable=invalid-name
       activation_dtype=activation_dtype,
       output_ids=output_ids,
       include_all_inputs=include_all_inputs,
+      return_intermediates=return_intermediates,
       input_fields_to_include=(tuple(input_fields_to_include)
                                if input_fields_to_include is not None
                                else None),

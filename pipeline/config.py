@@ -41,6 +41,8 @@ class InferConfig:
   # The record's `inputs`: by default the task's *_pretokenized features;
   # include_all_inputs puts every task feature there (token ids as lists);
   # input_fields_to_include names fields (with their _pretokenized forms).
+  # Score mode: also write each target token's log-likelihood as aux.
+  return_intermediates: bool = False
   include_all_inputs: bool = False
   input_fields_to_include: Optional[Tuple[str, ...]] = None
   # How to decode (greedy by default); recorded in the fingerprint.
@@ -102,6 +104,7 @@ class InferConfig:
         'activation_dtype': self.activation_dtype or self.restore_dtype,
         'output_ids': self.output_ids,
         'include_all_inputs': self.include_all_inputs,
+        'return_intermediates': self.return_intermediates,
         'input_fields_to_include': (list(self.input_fields_to_include)
                                     if self.input_fields_to_include is not None
                                     else None),

@@ -231,7 +231,9 @@ def run_model(model, config: InferConfig, batch,
     tokens, scores = model.predict_batch(batch, return_scores=True,
                                          decoding=config.decoding, rng=rng)
     return {'tokens': tokens, 'scores': scores}
-  return {'scores': model.score_batch(batch)}
+  scores, token_scores = model.score_batch(batch, return_token_scores=True)
+  return {'scores': scores, 'token_scores': token_scores,
+          'weights': np.asarray(batch['decoder_loss_weights'])}
 
 
 def load_model(config: InferConfig):
@@ -349,6 +351,10 @@ class InferChunk(beam.DoFn):
           decoded_tokens += int(np.sum(outputs['tokens'][i] > 0))
         else:
           record['score'] = float(outputs['scores'][i])
+          if config.return_intermediates:
+            real_tokens = outputs['weights'][i] > 0
+            record['aux'] = {'token_scores': [
+                float(x) for x in outputs['token_scores'][i][real_tokens]]}
         lines.append(json.dumps(record) + '\n')
     return lines, decoded_tokens
 

@@ -294,7 +294,7 @@ def test_score_mode_writes_the_targets_log_likelihood(env, tmp_path):
   import seqio  # pylint: disable=g-import-not-at-top
   from model.inference import InferenceModel  # pylint: disable=g-import-not-at-top
   output = tmp_path / 'score'
-  run(make_config(env, output, mode='score',
+  run(make_config(env, output, mode='score', return_intermediates=True,
                   mixture_or_task_name='t5beam_test_one_file'))
   records = helpers.read_records(
       output / 't5beam_test_one_file-score.jsonl-00000-of-00001')
@@ -307,7 +307,11 @@ def test_score_mode_writes_the_targets_log_likelihood(env, tmp_path):
   expected = InferenceModel.load(env['checkpoint']).score_batch(batch)
   np.testing.assert_allclose([r['score'] for r in records], expected,
                              atol=1e-5)
-  assert set(records[0]) == {'inputs', 'score'}
+  assert set(records[0]) == {'inputs', 'score', 'aux'}
+  for record, example in zip(records, examples):
+    token_scores = record['aux']['token_scores']
+    assert len(token_scores) == int(example['decoder_loss_weights'].sum())
+    np.testing.assert_allclose(sum(token_scores), record['score'], atol=1e-4)
 
 
 def test_input_options_choose_the_inputs_fields(env, tmp_path):
