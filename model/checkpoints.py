@@ -28,9 +28,9 @@ Params = Dict[str, Any]
 CONFIG_FILE = 't5_config.json'
 FORMATS_LOOKED_FOR = (
     "Hugging Face 'config.json' with 'model.safetensors' or "
-    "'model.safetensors.index.json', an Orbax checkpoint ('_METADATA'), or a "
-    "TensorFlow / Mesh TensorFlow checkpoint (PATH.index, or a 'checkpoint' "
-    "file in the directory)")
+    "'model.safetensors.index.json', an Orbax checkpoint ('_METADATA'), a "
+    "T5X checkpoint directory (msgpack 'checkpoint' file), or a TensorFlow / "
+    "Mesh TensorFlow checkpoint (PATH.index, or a 'checkpoint' state file)")
 
 
 class CheckpointError(ValueError):
@@ -61,7 +61,8 @@ def _read_json(path: str) -> Dict[str, Any]:
 
 
 def detect_format(path: str) -> str:
-  """'huggingface', 'orbax' or 'tensorflow'; CheckpointError otherwise."""
+  """'huggingface', 'orbax', 't5x' or 'tensorflow'; CheckpointError
+  otherwise."""
   if _exists(path + '.index'):
     return 'tensorflow'
   if not _exists(path):
@@ -81,6 +82,8 @@ def detect_format(path: str) -> str:
   if (_exists(_join(path, '_METADATA')) or
       _exists(_join(path, '_CHECKPOINT_METADATA'))):
     return 'orbax'
+  if _t5x_checkpoint_file(path):
+    return 't5x'
   if _exists(_join(path, 'checkpoint')) and _latest_tensorflow(path):
     return 'tensorflow'
   raise CheckpointError(
@@ -94,8 +97,8 @@ def read_config(path: str) -> Optional[T5Config]:
   fmt = detect_format(path)
   if fmt == 'huggingface':
     return config_from_huggingface(_read_json(_join(path, 'config.json')))
-  if fmt == 'tensorflow':
-    return None  # Mesh TensorFlow checkpoints do not record it
+  if fmt in ('tensorflow', 't5x'):
+    return None  # these formats do not record the architecture
   config_path = _join(path, CONFIG_FILE)
   if _exists(config_path):
     return T5Config.from_dict(_read_json(config_path))
@@ -122,6 +125,8 @@ def load_checkpoint(path: str, config: Optional[T5Config] = None,
     stored_config, params = read_huggingface(path)
   elif fmt == 'tensorflow':
     stored_config, params = read_tensorflow(path, config)
+  elif fmt == 't5x':
+    stored_config, params = read_t5x(path, config)
   else:
     stored_config, params = read_orbax(path, config)
   if config is not None:
@@ -511,3 +516,74 @@ def read_tensorflow(path: str, config: Optional[T5Config]
     if ours is not None:
       flat[ours] = np.asarray(reader.get_tensor(name))
   return config, unflatten(flat)
+
+
+# --- T5X native (msgpack + TensorStore) ----------------------------------------
+
+
+def _t5x_checkpoint_file(path: str) -> Optional[str]:
+  """The msgpack 'checkpoint' file of a T5X checkpoint directory, if any.
+
+  A TensorFlow 'checkpoint' state file is text starting with
+  'model_checkpoint_path'; T5X's is a msgpack map."""
+  for candidate in (_join(path, 'checkpoint'), _join(path, 'state/checkpoint')):
+    if _exists(candidate) and not _fs(candidate).isdir(candidate):
+      with fsspec.open(candidate, 'rb') as f:
+        head = f.read(32)
+      if head and not head.startswith(b'model_checkpoint_path') and (
+          head[0] >= 0x80):  # a msgpack map
+        return candidate
+  return None
+
+
+def _is_tensorstore_spec(value) -> bool:
+  return isinstance(value, Mapping) and {'driver', 'kvstore'} <= set(value)
+
+
+def _read_tensorstore(spec: Mapping[str, Any], directory: str) -> np.ndarray:
+  """Reads one array whose spec holds a path relative to the checkpoint."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  spec = json.loads(json.dumps(spec))  # a mutable copy
+  kvstore = spec['kvstore']
+  relative = kvstore.get('path', spec.pop('path', None))
+  if relative is None:
+    raise CheckpointError(f'T5X checkpoint {directory!r} has a TensorStore '
+                          f'spec without a path: {spec}')
+  if directory.startswith('gs://'):
+    bucket, _, prefix = directory[len('gs://'):].partition('/')
+    spec['kvstore'] = {'driver': 'gcs', 'bucket': bucket,
+                       'path': prefix.rstrip('/') + '/' + relative}
+  else:
+    # Written on GCS (driver 'gcs', dummy bucket) or locally: read locally.
+    spec['kvstore'] = {'driver': 'file',
+                       'path': os.path.join(directory, relative)}
+  return np.asarray(ts.open(spec).result().read().result())
+
+
+def read_t5x(path: str, config: Optional[T5Config]
+             ) -> Tuple[T5Config, Params]:
+  """Reads a T5X checkpoint directory (`checkpoint_<step>`): the parameters
+  under optimizer/target in its msgpack file, inline or in TensorStore."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  if config is None:
+    raise CheckpointError(
+        f'T5X checkpoint {path!r} does not record its architecture; include '
+        "the model's Gin file (e.g. 'models/t5_1_1_small.gin')")
+  checkpoint_file = _t5x_checkpoint_file(path)
+  with fsspec.open(checkpoint_file, 'rb') as f:
+    contents = serialization.msgpack_restore(f.read())
+  target = contents.get('optimizer', {}).get('target')
+  if target is None:
+    raise CheckpointError(
+        f'T5X checkpoint {checkpoint_file!r} has no optimizer/target '
+        f'parameters (top-level keys: {sorted(contents)})')
+  directory = os.path.dirname(checkpoint_file)
+
+  def load(node):
+    if _is_tensorstore_spec(node):
+      return _read_tensorstore(node, directory)
+    if isinstance(node, Mapping):
+      return {k: load(v) for k, v in node.items()}
+    return np.asarray(node)
+
+  return config, load(target)

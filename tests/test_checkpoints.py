@@ -1,6 +1,7 @@
 """Checkpoint readers: formats written by their owning libraries, one set of
 weights, identical predictions; clear errors for everything else."""
 
+import copy
 import json
 import os
 
@@ -97,8 +98,9 @@ def test_restore_casts_to_the_asked_dtype(hf_dir):
 
 
 def test_reads_bfloat16_safetensors(reference_model, tmp_path):
-  reference_model.to(torch.bfloat16).save_pretrained(tmp_path / 'bf16')
-  reference_model.to(torch.float32)
+  # A copy: .to() changes a module in place.
+  copy.deepcopy(reference_model).to(torch.bfloat16).save_pretrained(
+      tmp_path / 'bf16')
   _, params = checkpoints.load_checkpoint(str(tmp_path / 'bf16'), dtype=None)
   embedding = params['token_embedder']['embedding']
   assert embedding.dtype == np.dtype(ml_dtypes.bfloat16)
@@ -234,3 +236,75 @@ def test_mesh_tensorflow_errors_name_the_problem(hf_dir, tmp_path):
   with pytest.raises(CheckpointError,
                      match="lacks 1 parameter.*decoder/layers_1/mlp/wo"):
     checkpoints.load_checkpoint(saved, config=config)
+
+
+def _write_t5x_checkpoint(directory, params, inline=()):
+  """A T5X checkpoint as T5X lays it out: each parameter a zarr array
+  written by TensorStore in a folder named after its path with dots, and a
+  msgpack 'checkpoint' file ({version, optimizer: {target, state}}) holding
+  the relative TensorStore specs (or, for names in `inline`, the array)."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory)
+  specs = {}
+  for name, value in checkpoints.flatten(params).items():
+    if name in inline:
+      specs[name] = np.asarray(value)
+      continue
+    relative = 'target.' + name.replace('/', '.')
+    spec = {'driver': 'zarr', 'dtype': np.dtype(value.dtype).name,
+            'kvstore': {'driver': 'file', 'path': relative},
+            'metadata': {'shape': list(value.shape),
+                         'chunks': list(value.shape),
+                         'compressor': {'id': 'gzip'}}}
+    written = json.loads(json.dumps(spec))
+    written['kvstore']['path'] = os.path.join(directory, relative)
+    store = ts.open(written, create=True, open=True).result()
+    store.write(np.asarray(value)).result()
+    specs[name] = spec
+  state = {'version': 3, 'optimizer': {
+      'target': checkpoints.unflatten(specs),
+      'state': {'step': np.array(1000000, np.int64)}}}
+  with open(os.path.join(directory, 'checkpoint'), 'wb') as f:
+    f.write(serialization.msgpack_serialize(state))
+
+
+def test_t5x_checkpoint_gives_identical_predictions(hf_dir, tmp_path,
+                                                    encoder_tokens):
+  config, params = checkpoints.load_checkpoint(hf_dir)
+  directory = str(tmp_path / 'checkpoint_1000000')
+  _write_t5x_checkpoint(directory, params,
+                        inline=('encoder/encoder_norm/scale',))
+  assert checkpoints.detect_format(directory) == 't5x'
+  expected = _predict(InferenceModel(config, params), encoder_tokens)
+  actual = _predict(InferenceModel.load(directory, config=config),
+                    encoder_tokens)
+  np.testing.assert_array_equal(actual[0], expected[0])
+  np.testing.assert_array_equal(actual[1], expected[1])
+  with pytest.raises(CheckpointError, match='does not record its '
+                     'architecture'):
+    checkpoints.load_checkpoint(directory)
+  with pytest.raises(CheckpointError, match="'encoder/layers_0/mlp/wi_0/"
+                     r"kernel' .* shape \(32, 64\), the model config "
+                     r"expects \(32, 32\)"):
+    checkpoints.load_checkpoint(directory, config=config.replace(d_ff=32))
+
+
+def test_every_format_gives_the_same_predictions(reference_model, hf_dir,
+                                                 tmp_path, encoder_tokens):
+  config, params = checkpoints.load_checkpoint(hf_dir)
+  sharded = str(tmp_path / 'sharded')
+  reference_model.save_pretrained(sharded, max_shard_size='100KB')
+  orbax = str(tmp_path / 'orbax')
+  checkpoints.save_orbax(orbax, config, params)
+  t5x = str(tmp_path / 'checkpoint_1')
+  _write_t5x_checkpoint(t5x, params)
+  tensorflow = _write_tensorflow_checkpoint(
+      str(tmp_path / 'tf' / 'model.ckpt'),
+      _mesh_tensorflow_variables(config, params))
+  results = [_predict(InferenceModel.load(path, config=config),
+                      encoder_tokens)
+             for path in (hf_dir, sharded, orbax, t5x, tensorflow)]
+  for tokens, scores in results[1:]:
+    np.testing.assert_array_equal(tokens, results[0][0])
+    np.testing.assert_array_equal(scores, results[0][1])
