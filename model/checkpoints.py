@@ -82,6 +82,8 @@ def detect_format(path: str) -> str:
   if (_exists(_join(path, '_METADATA')) or
       _exists(_join(path, '_CHECKPOINT_METADATA'))):
     return 'orbax'
+  if _exists(_join(path, 'state/_METADATA')):
+    return 'orbax'  # T5X's Orbax layout: checkpoint_<step>/state
   if _t5x_checkpoint_file(path):
     return 't5x'
   if _exists(_join(path, 'checkpoint')) and _latest_tensorflow(path):
@@ -437,8 +439,13 @@ def read_orbax(path: str, config: Optional[T5Config]
     raise CheckpointError(
         f'Orbax checkpoint {path!r} has no {CONFIG_FILE!r}; give the model '
         'config (a model Gin file) so its architecture is known')
-  restored = ocp.StandardCheckpointer().restore(
-      os.path.abspath(path) if '://' not in path else path)
+  directory = os.path.abspath(path) if '://' not in path else path
+  if not _exists(_join(path, '_METADATA')) and _exists(
+      _join(path, 'state/_METADATA')):
+    directory = _join(directory, 'state')  # T5X: checkpoint_<step>/state
+  restored = ocp.PyTreeCheckpointer().restore(directory)
+  if 'target' in restored and 'token_embedder' not in restored:
+    restored = restored['target']  # a T5X train state: {target, state}
   return stored, _map_tree(np.asarray, restored)
 
 

@@ -105,14 +105,16 @@ def _counter(name: str):
 
 
 def _json_value(value: Any) -> Any:
-  """T5X's JSON conversions: bytes -> str, numpy scalars and arrays ->
-  Python numbers and lists."""
+  """T5X's JSON conversions: bytes -> str, arrays -> lists, integer scalars
+  -> float, other numpy scalars -> Python numbers."""
   if isinstance(value, bytes):
     return value.decode('utf-8', errors='replace')
   if isinstance(value, np.ndarray):
     if value.dtype.kind in ('S', 'O'):
       return [_json_value(v) for v in value.tolist()]
     return value.tolist()
+  if isinstance(value, np.integer):
+    return float(value)  # as T5X writes integer scalars
   if isinstance(value, np.generic):
     return value.item()
   return value

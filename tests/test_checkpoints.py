@@ -299,12 +299,42 @@ def test_every_format_gives_the_same_predictions(reference_model, hf_dir,
   checkpoints.save_orbax(orbax, config, params)
   t5x = str(tmp_path / 'checkpoint_1')
   _write_t5x_checkpoint(t5x, params)
+  t5x_orbax = _write_t5x_orbax_checkpoint(str(tmp_path / 't5x-orbax'), params)
   tensorflow = _write_tensorflow_checkpoint(
       str(tmp_path / 'tf' / 'model.ckpt'),
       _mesh_tensorflow_variables(config, params))
   results = [_predict(InferenceModel.load(path, config=config),
                       encoder_tokens)
-             for path in (hf_dir, sharded, orbax, t5x, tensorflow)]
+             for path in (hf_dir, sharded, orbax, t5x, t5x_orbax, tensorflow)]
   for tokens, scores in results[1:]:
     np.testing.assert_array_equal(tokens, results[0][0])
     np.testing.assert_array_equal(scores, results[0][1])
+
+
+def _write_t5x_orbax_checkpoint(directory, params, step=1000):
+  """A T5X Orbax checkpoint: a CheckpointManager step 'checkpoint_<step>'
+  whose 'state' item is the train state {target, state} (use_ocdbt)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(step_prefix='checkpoint'))
+  state = {'target': params, 'state': {'step': np.array(step, np.int64)}}
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeSave(state)))
+  manager.wait_until_finished()
+  return os.path.join(directory, f'checkpoint_{step}')
+
+
+def test_t5x_orbax_checkpoint_gives_identical_predictions(hf_dir, tmp_path,
+                                                          encoder_tokens):
+  config, params = checkpoints.load_checkpoint(hf_dir)
+  path = _write_t5x_orbax_checkpoint(str(tmp_path / 'model'), params)
+  assert os.path.isdir(os.path.join(path, 'state'))
+  expected = _predict(InferenceModel(config, params), encoder_tokens)
+  for where in (path, os.path.join(path, 'state')):
+    assert checkpoints.detect_format(where) == 'orbax'
+    actual = _predict(InferenceModel.load(where, config=config),
+                      encoder_tokens)
+    np.testing.assert_array_equal(actual[0], expected[0])
+    np.testing.assert_array_equal(actual[1], expected[1])
+  with pytest.raises(CheckpointError, match='give the model config'):
+    checkpoints.load_checkpoint(path)

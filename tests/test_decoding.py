@@ -116,6 +116,35 @@ def test_sampling_with_topk_1_is_greedy():
   np.testing.assert_array_equal(sampled, greedy)
 
 
+def test_sampling_at_temperature_0_is_greedy():
+  model = tiny_model(vocab_size=50, seed=6, eos_boost=1.0)
+  encoder = np.random.default_rng(3).integers(2, 50, (16, 9)).astype(np.int32)
+  greedy = model.predict_batch({'encoder_input_tokens': encoder},
+                               max_length=8)
+  sampled = model.predict_batch(
+      {'encoder_input_tokens': encoder}, max_length=8,
+      decoding=DecodingConfig('temperature_sample', topk=0, temperature=0.0,
+                              num_decodes=2, return_all_decodes=True),
+      rng=jax.random.PRNGKey(9))
+  np.testing.assert_array_equal(sampled[:, 0], greedy)
+  np.testing.assert_array_equal(sampled[:, 1], greedy)
+
+
+def test_max_decode_steps_stops_decoding_early():
+  model = tiny_model(vocab_size=50, seed=6, eos_boost=0.0)
+  encoder = np.random.default_rng(3).integers(2, 50, (8, 9)).astype(np.int32)
+  batch = {'encoder_input_tokens': encoder}
+  settings = dict(strategy='temperature_sample', topk=0)
+  full = model.predict_batch(batch, max_length=8, rng=jax.random.PRNGKey(2),
+                             decoding=DecodingConfig(**settings))
+  capped = model.predict_batch(
+      batch, max_length=8, rng=jax.random.PRNGKey(2),
+      decoding=DecodingConfig(**settings, max_decode_steps=3))
+  assert (full[:, 3:] != 0).any()  # without the cap, decoding goes on
+  assert (capped[:, 3:] == 0).all()
+  np.testing.assert_array_equal(capped[:, :3], full[:, :3])
+
+
 @pytest.mark.parametrize('temperature', [1.0, 0.6])
 def test_sampled_first_tokens_follow_the_softmax(temperature):
   model = tiny_model(vocab_size=8, seed=7, eos_boost=0.0)

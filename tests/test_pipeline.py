@@ -332,3 +332,13 @@ def test_input_options_choose_the_inputs_fields(env, tmp_path):
   with pytest.raises(ValueError, match='cannot both be set'):
     make_config(env, output, include_all_inputs=True,
                 input_fields_to_include=('targets',))
+
+
+def test_json_conversions_follow_t5x():
+  from pipeline.transforms import _json_value  # pylint: disable=g-import-not-at-top
+  assert _json_value(b'caf\xc3\xa9') == 'café'
+  assert _json_value(np.int32(7)) == 7.0 and isinstance(
+      _json_value(np.int64(7)), float)
+  assert _json_value(np.float32(0.5)) == 0.5
+  assert _json_value(np.array([1, 2], np.int32)) == [1, 2]
+  assert _json_value(np.array([b'a', b'b'])) == ['a', 'b']
