@@ -53,6 +53,17 @@ def launch(argv):
   return status, stderr.getvalue()
 
 
+def launch_user_gin(env, tmp_path, *extra_args, **replace):
+  """Launches user_gin(env, **replace) into tmp_path/out with extra flags:
+  (status, stderr, output directory)."""
+  gin_file = write_gin(tmp_path, user_gin(env, **replace))
+  output = tmp_path / 'out'
+  status, stderr = launch([f'--gin_file={gin_file}',
+                           f'--gin.INFER_OUTPUT_DIR="{output}"',
+                           *extra_args])
+  return status, stderr, output
+
+
 def assert_refused(status, stderr, output_dir, *patterns):
   assert status != 0
   error_lines = [l for l in stderr.splitlines() if l.startswith('t5beam: error')]
@@ -109,10 +120,7 @@ def test_rerun_of_a_finished_output_says_so(env, tmp_path):
 
 
 def test_required_macro_not_set(env, tmp_path):
-  gin_file = write_gin(tmp_path, user_gin(env, MIXTURE_OR_TASK_NAME=''))
-  output = tmp_path / 'out'
-  assert_refused(*launch([f'--gin_file={gin_file}',
-                          f'--gin.INFER_OUTPUT_DIR="{output}"']), output,
+  assert_refused(*launch_user_gin(env, tmp_path, MIXTURE_OR_TASK_NAME=''),
                  'MIXTURE_OR_TASK_NAME is not set', '--gin.MIXTURE_OR_TASK')
 
 
@@ -123,38 +131,29 @@ def test_output_dir_not_set(env, tmp_path):
 
 
 def test_gin_syntax_error_names_file_and_line(env, tmp_path):
-  gin_file = write_gin(tmp_path, user_gin(env, batch="DatasetConfig.batch_size = (4"))
-  output = tmp_path / 'out'
-  assert_refused(*launch([f'--gin_file={gin_file}',
-                          f'--gin.INFER_OUTPUT_DIR="{output}"']), output,
+  assert_refused(*launch_user_gin(
+      env, tmp_path, batch='DatasetConfig.batch_size = (4'),
                  'syntax error', 'my_infer.gin')
 
 
 def test_unknown_binding(env, tmp_path):
-  gin_file = write_gin(tmp_path, user_gin(env))
-  output = tmp_path / 'out'
-  assert_refused(*launch([f'--gin_file={gin_file}',
-                          f'--gin.INFER_OUTPUT_DIR="{output}"',
-                          '--gin.infer.no_such_setting=3']), output,
+  assert_refused(*launch_user_gin(env, tmp_path,
+                                  '--gin.infer.no_such_setting=3'),
                  'no_such_setting')
 
 
 def test_unknown_task_lists_the_closest_names(env, tmp_path):
-  gin_file = write_gin(tmp_path, user_gin(
-      env, MIXTURE_OR_TASK_NAME="MIXTURE_OR_TASK_NAME = 't5beam_test_one_fil'"))
-  output = tmp_path / 'out'
-  assert_refused(*launch([f'--gin_file={gin_file}',
-                          f'--gin.INFER_OUTPUT_DIR="{output}"']), output,
+  assert_refused(*launch_user_gin(
+      env, tmp_path,
+      MIXTURE_OR_TASK_NAME="MIXTURE_OR_TASK_NAME = 't5beam_test_one_fil'"),
                  "'t5beam_test_one_fil' is not a registered",
                  't5beam_test_one_file')
 
 
 def test_task_module_that_fails_to_import(env, tmp_path):
-  gin_file = write_gin(tmp_path, user_gin(
-      env, MIXTURE_OR_TASK_MODULE="MIXTURE_OR_TASK_MODULE = 'no_such.tasks'"))
-  output = tmp_path / 'out'
-  assert_refused(*launch([f'--gin_file={gin_file}',
-                          f'--gin.INFER_OUTPUT_DIR="{output}"']), output,
+  assert_refused(*launch_user_gin(
+      env, tmp_path,
+      MIXTURE_OR_TASK_MODULE="MIXTURE_OR_TASK_MODULE = 'no_such.tasks'"),
                  "'no_such.tasks' failed to import", 'ModuleNotFoundError')
 
 
@@ -165,31 +164,23 @@ def test_task_module_that_fails_to_import(env, tmp_path):
 def test_checkpoint_missing_or_unrecognised(env, tmp_path, make_path,
                                             message):
   path = make_path(tmp_path)
-  gin_file = write_gin(tmp_path, user_gin(
-      env, CHECKPOINT_PATH=f"CHECKPOINT_PATH = '{path}'"))
-  output = tmp_path / 'out'
-  assert_refused(*launch([f'--gin_file={gin_file}',
-                          f'--gin.INFER_OUTPUT_DIR="{output}"']), output,
+  assert_refused(*launch_user_gin(
+      env, tmp_path, CHECKPOINT_PATH=f"CHECKPOINT_PATH = '{path}'"),
                  message, re.escape(path))
 
 
 def test_task_vocabulary_that_differs_from_the_models(env, tmp_path):
-  gin_file = write_gin(tmp_path, user_gin(env))
-  output = tmp_path / 'out'
-  assert_refused(*launch([
-      f'--gin_file={gin_file}', f'--gin.INFER_OUTPUT_DIR="{output}"',
-      '--gin.VOCABULARY=@seqio.PassThroughVocabulary()',
-      '--gin.seqio.PassThroughVocabulary.size=260']), output,
+  assert_refused(*launch_user_gin(
+      env, tmp_path, '--gin.VOCABULARY=@seqio.PassThroughVocabulary()',
+      '--gin.seqio.PassThroughVocabulary.size=260'),
                  "vocabulary of task 't5beam_test_one_file'",
                  'PassThroughVocabulary')
 
 
 def test_feature_lengths_missing_targets(env, tmp_path):
-  gin_file = write_gin(tmp_path, user_gin(
-      env, TASK_FEATURE_LENGTHS="TASK_FEATURE_LENGTHS = {'inputs': 24}"))
-  output = tmp_path / 'out'
-  assert_refused(*launch([f'--gin_file={gin_file}',
-                          f'--gin.INFER_OUTPUT_DIR="{output}"']), output,
+  assert_refused(*launch_user_gin(
+      env, tmp_path,
+      TASK_FEATURE_LENGTHS="TASK_FEATURE_LENGTHS = {'inputs': 24}"),
                  "lacks 'targets'")
 
 
@@ -325,9 +316,6 @@ def test_sampling_settings_reach_the_run(env, tmp_path):
 
 
 def test_num_decodes_without_a_decoder_is_refused(env, tmp_path):
-  gin_file = write_gin(tmp_path, user_gin(env))
-  output = tmp_path / 'out'
-  assert_refused(*launch([f'--gin_file={gin_file}',
-                          f'--gin.INFER_OUTPUT_DIR="{output}"',
-                          '--gin.infer.num_decodes=4']), output,
+  assert_refused(*launch_user_gin(env, tmp_path,
+                                  '--gin.infer.num_decodes=4'),
                  'num_decodes > 1 needs')
