@@ -14,10 +14,35 @@ def prepare_environment(data_dir: str):
   paths = os.environ.get('PYTHONPATH', '').split(os.pathsep)
   if REPO not in paths:
     os.environ['PYTHONPATH'] = os.pathsep.join([REPO] + [p for p in paths if p])
+  write_data(data_dir)
   from tests import tasks  # pylint: disable=g-import-not-at-top
   assert tasks.DATA_DIR == data_dir, (
       'tests.tasks was imported before prepare_environment')
-  tasks.write_data(data_dir)
+
+
+def write_data(directory: str):
+  """Writes the files the tasks read: deterministic lines of varied length."""
+  def lines(prefix, count):
+    return ''.join(f'{prefix} {i} ' + 'x' * (i % 7) + f'\t{i % 10}\n'
+                   for i in range(count))
+  with open(os.path.join(directory, 'two-00000.tsv'), 'w') as f:
+    f.write(lines('first file', 21))
+  with open(os.path.join(directory, 'two-00001.tsv'), 'w') as f:
+    f.write(lines('second file', 13))
+  with open(os.path.join(directory, 'one.tsv'), 'w') as f:
+    f.write(lines('only file', 11))
+  with open(os.path.join(directory, 'empty.tsv'), 'w') as f:
+    f.write('')
+  # A SentencePiece model trained by the sentencepiece library itself.
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  corpus = os.path.join(directory, 'corpus.txt')
+  with open(corpus, 'w') as f:
+    f.write(lines('first file', 300) + lines('only file', 300))
+  sentencepiece.SentencePieceTrainer.train(
+      input=corpus, model_prefix=os.path.join(directory, 'spm'),
+      vocab_size=48, model_type='unigram', pad_id=0, eos_id=1, unk_id=2,
+      bos_id=-1, minloglevel=2)
+
 
 
 def small_environment(tmp_path_factory):

@@ -34,7 +34,7 @@ def _register(name: str, pattern: str, vocabulary=VOCABULARY):
 _register('t5beam_test_two_files', 'two-*.tsv')
 _register('t5beam_test_one_file', 'one.tsv')
 _register('t5beam_test_empty', 'empty.tsv')
-# A SentencePiece model trained by write_data (loaded lazily).
+# A SentencePiece model trained by pipeline_helpers.write_data (loaded lazily).
 _register('t5beam_test_sentencepiece', 'one.tsv',
           seqio.SentencePieceVocabulary(os.path.join(DATA_DIR, 'spm.model'),
                                         extra_ids=100))
@@ -42,27 +42,3 @@ if 't5beam_test_mixture' not in seqio.MixtureRegistry.names():
   seqio.MixtureRegistry.add('t5beam_test_mixture',
                             ['t5beam_test_two_files', 't5beam_test_one_file'],
                             default_rate=1.0)
-
-
-def write_data(directory: str):
-  """Writes the files the tasks read: deterministic lines of varied length."""
-  def lines(prefix, count):
-    return ''.join(f'{prefix} {i} ' + 'x' * (i % 7) + f'\t{i % 10}\n'
-                   for i in range(count))
-  with open(os.path.join(directory, 'two-00000.tsv'), 'w') as f:
-    f.write(lines('first file', 21))
-  with open(os.path.join(directory, 'two-00001.tsv'), 'w') as f:
-    f.write(lines('second file', 13))
-  with open(os.path.join(directory, 'one.tsv'), 'w') as f:
-    f.write(lines('only file', 11))
-  with open(os.path.join(directory, 'empty.tsv'), 'w') as f:
-    f.write('')
-  # A SentencePiece model trained by the sentencepiece library itself.
-  import sentencepiece  # pylint: disable=g-import-not-at-top
-  corpus = os.path.join(directory, 'corpus.txt')
-  with open(corpus, 'w') as f:
-    f.write(lines('first file', 300) + lines('only file', 300))
-  sentencepiece.SentencePieceTrainer.train(
-      input=corpus, model_prefix=os.path.join(directory, 'spm'),
-      vocab_size=48, model_type='unigram', pad_id=0, eos_id=1, unk_id=2,
-      bos_id=-1, minloglevel=2)
