@@ -12,7 +12,6 @@ line naming what is wrong and what to do.
 """
 
 import logging
-import os
 import sys
 import time
 import tokenize

@@ -1,7 +1,6 @@
 """gs:// checkpoints and outputs, against a real GCS-protocol server."""
 
 import json
-import os
 import subprocess
 import sys
 
