@@ -107,11 +107,6 @@ def read_config(path: str) -> Optional[T5Config]:
   return None
 
 
-def check_architecture(path: str, given: T5Config, stored: T5Config):
-  """CheckpointError listing every architecture field that differs."""
-  _check_architecture(path, given, stored)
-
-
 def load_checkpoint(path: str, config: Optional[T5Config] = None,
                     dtype: Optional[str] = 'float32'
                     ) -> Tuple[T5Config, Params]:
@@ -132,7 +127,7 @@ def load_checkpoint(path: str, config: Optional[T5Config] = None,
   else:
     stored_config, params = read_orbax(path, config)
   if config is not None:
-    _check_architecture(path, config, stored_config)
+    check_architecture(path, config, stored_config)
     stored_config = config
   check_shapes(stored_config, params, source=path)
   if dtype is not None:
@@ -141,7 +136,8 @@ def load_checkpoint(path: str, config: Optional[T5Config] = None,
   return stored_config, params
 
 
-def _check_architecture(path: str, given: T5Config, stored: T5Config):
+def check_architecture(path: str, given: T5Config, stored: T5Config):
+  """CheckpointError listing every architecture field that differs."""
   fields = ('vocab_size', 'd_model', 'num_heads', 'd_kv', 'd_ff',
             'num_encoder_layers', 'num_decoder_layers', 'feed_forward',
             'logits_via_embedding', 'relative_attention_num_buckets',

@@ -104,11 +104,18 @@ def test_one_beam_decodes_as_greedy_unless_it_finds_better():
     assert pair[0] > pair[1]
 
 
-def test_sampling_with_topk_1_is_greedy():
+def greedy_reference():
+  """(model, encoder tokens, their greedy decodes) for the sampling tests
+  that must reduce to greedy."""
   model = tiny_model(vocab_size=50, seed=6, eos_boost=1.0)
   encoder = np.random.default_rng(3).integers(2, 50, (16, 9)).astype(np.int32)
   greedy = model.predict_batch({'encoder_input_tokens': encoder},
                                max_length=8)
+  return model, encoder, greedy
+
+
+def test_sampling_with_topk_1_is_greedy():
+  model, encoder, greedy = greedy_reference()
   sampled = model.predict_batch(
       {'encoder_input_tokens': encoder}, max_length=8,
       decoding=DecodingConfig('temperature_sample', topk=1),
@@ -117,10 +124,7 @@ def test_sampling_with_topk_1_is_greedy():
 
 
 def test_sampling_at_temperature_0_is_greedy():
-  model = tiny_model(vocab_size=50, seed=6, eos_boost=1.0)
-  encoder = np.random.default_rng(3).integers(2, 50, (16, 9)).astype(np.int32)
-  greedy = model.predict_batch({'encoder_input_tokens': encoder},
-                               max_length=8)
+  model, encoder, greedy = greedy_reference()
   sampled = model.predict_batch(
       {'encoder_input_tokens': encoder}, max_length=8,
       decoding=DecodingConfig('temperature_sample', topk=0, temperature=0.0,
