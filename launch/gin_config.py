@@ -14,9 +14,11 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import gin
 import seqio
 
+from model import checkpoints
 from model import config as model_config_lib
 from model.config import T5Config
 from model.decoding import DecodingConfig
+from pipeline import plan
 from pipeline.config import InferConfig
 from pipeline.file_tasks import FileTaskSpec
 
@@ -87,9 +89,10 @@ class RestoreCheckpointConfig:
   dtype: Optional[str] = 'bfloat16'
 
   def __post_init__(self):
-    if self.mode != 'specific':
-      raise ValueError(f"RestoreCheckpointConfig.mode {self.mode!r}: only "
-                       "'specific' (the path as given) is supported")
+    if self.mode not in ('specific', 'latest'):
+      raise ValueError(f"RestoreCheckpointConfig.mode {self.mode!r}: use "
+                       "'specific' (the path as given) or 'latest' (the "
+                       "newest checkpoint_<step> in the path)")
 
 
 @gin.configurable
@@ -112,13 +115,18 @@ def infer(*,  # pylint: disable=invalid-name
           decode_fn: Optional[Callable[[], Dict[str, Any]]] = None,
           num_decodes: int = 1,
           return_all_decodes: bool = False,
-          seed: int = 0) -> InferConfig:
+          seed: int = 0,
+          lock_expiry_seconds: float = 900.0,
+          wait_until_finish: bool = True) -> InferConfig:
   """Collects the run's settings (bound by runs/infer.gin) into InferConfig."""
   spec = model if isinstance(model, ModelSpec) else ModelSpec(None, None)
   checkpoint = restore_checkpoint_cfg.path
   if '://' not in checkpoint:
     checkpoint = os.path.abspath(checkpoint)
+  if restore_checkpoint_cfg.mode == 'latest':
+    checkpoint = checkpoints.latest_checkpoint(checkpoint)
   output = output_dir if '://' in output_dir else os.path.abspath(output_dir)
+  output = plan.expand_output_dir(output, checkpoint)
   settings = decode_fn() if decode_fn is not None else {}
   if num_decodes > 1 and not settings:
     raise ValueError('infer.num_decodes > 1 needs a sampling or beam '
@@ -153,7 +161,9 @@ def infer(*,  # pylint: disable=invalid-name
       overwrite=overwrite,
       file_task=file_task,
       decoding=decoding,
-      seed=seed)
+      seed=seed,
+      lock_expiry_seconds=lock_expiry_seconds,
+      wait_until_finish=wait_until_finish)
 
 
 @gin.configurable(module='t5beam')

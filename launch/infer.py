@@ -205,23 +205,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 'etils'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from apache_beam.options.pipeline_options import StandardOptions  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import TestOptions  # pylint: disable=g-import-not-at-top
   from pipeline import plan  # pylint: disable=g-import-not-at-top
   from pipeline.run import run_inference  # pylint: disable=g-import-not-at-top
   started = time.time()
   try:
     config, options, architecture, tasks = prepare(argv)
-    plan.claim_output_dir(config, [t.name for t in tasks])
   except (LaunchError, plan.PlanError) as e:
     print(f't5beam: error: {e}', file=sys.stderr)
     return 2
-  write_run_info(config, architecture)
   runner = options.view_as(StandardOptions).runner or ''
   reporter = None
-  if runner.split('.')[-1] in LOCAL_RUNNERS and '://' not in config.output_dir:
+  if (runner.split('.')[-1] in LOCAL_RUNNERS and '://' not in config.output_dir
+      and not options.view_as(TestOptions).dry_run):
     reporter = progress.ProgressReporter(config, [t.name for t in tasks])
-    reporter.start()
   try:
-    result = run_inference(config, options)
+    result = run_inference(
+        config, options,
+        on_claimed=lambda c: _start(c, architecture, reporter))
+  except plan.PlanError as e:  # a different run, or a live one, holds the dir
+    print(f't5beam: error: {e}', file=sys.stderr)
+    return 2
   except Exception as e:  # pylint: disable=broad-except
     logging.exception('t5beam: the pipeline failed')
     last = ' '.join(str(e).split())[-500:]
@@ -231,9 +235,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   finally:
     if reporter:
       reporter.stop()
-  print(progress.summary(config, result, time.time() - started),
-        file=sys.stderr)
+  if result.status == 'dry_run':
+    print(f't5beam: dry run: built the pipeline for {result.tasks} writing to '
+          f'{config.output_dir}; nothing was run or written', file=sys.stderr)
+  elif result.status == 'submitted':
+    job_id = getattr(result.beam_result, 'job_id', lambda: None)()
+    print(f't5beam: submitted job {job_id or ""} for {result.tasks}; it '
+          f'writes to {config.output_dir} and releases the run lock when it '
+          'ends. Rerun the same command to check it or to resume it.',
+          file=sys.stderr)
+  else:
+    print(progress.summary(config, result, time.time() - started),
+          file=sys.stderr)
   return 0
+
+
+def _start(config, architecture, reporter):
+  """Once the run holds its output directory: config.gin, model-info.txt,
+  and the progress line."""
+  write_run_info(config, architecture)
+  if reporter:
+    reporter.start()
 
 
 if __name__ == '__main__':

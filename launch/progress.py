@@ -35,7 +35,8 @@ class ProgressReporter:
 
   def stop(self):
     self._stop.set()
-    self._thread.join(timeout=5)
+    if self._thread.ident is not None:  # started
+      self._thread.join(timeout=5)
     if self._last_line and self._stream.isatty():
       self._stream.write('\n')
 

@@ -57,6 +57,53 @@ def _read_json(path: str) -> Dict[str, Any]:
     return json.load(f)
 
 
+# --- checkpoint steps -----------------------------------------------------------
+
+_STEP_DIR = re.compile(r'^(?:checkpoint_)?(\d+)$')  # T5X / Orbax manager
+_TF_STEP = re.compile(r'-(\d+)$')  # model.ckpt-1000000
+
+
+def checkpoint_step(path: str) -> Optional[int]:
+  """The training step a checkpoint path names, or None.
+
+  T5X `.../checkpoint_<step>`, an Orbax CheckpointManager `.../<step>` (also
+  with a trailing `/state` or `/default` item), a TensorFlow prefix
+  `model.ckpt-<step>`, or a TensorFlow directory (its latest checkpoint).
+  Hugging Face directories carry no step.
+  """
+  parts = path.rstrip('/').split('/')
+  if len(parts) > 1 and parts[-1] in ('state', 'default'):
+    parts = parts[:-1]
+  match = _STEP_DIR.match(parts[-1]) or _TF_STEP.search(parts[-1])
+  if match:
+    return int(match.group(1))
+  if _exists(_join(path, 'checkpoint')) and not _t5x_checkpoint_file(path):
+    latest = _latest_tensorflow(path)
+    if latest:
+      match = _TF_STEP.search(latest)
+      return int(match.group(1)) if match else None
+  return None
+
+
+def latest_checkpoint(directory: str) -> str:
+  """The newest `checkpoint_<step>` (T5X) or `<step>` (Orbax manager)
+  directory in a training directory: T5X's restore mode 'latest'."""
+  fs = _fs(directory)
+  steps = []
+  if fs.exists(directory):
+    for entry in fs.ls(directory, detail=True):
+      name = entry['name'].rstrip('/').rsplit('/', 1)[-1]
+      match = _STEP_DIR.match(name)
+      if match and entry['type'] == 'directory':
+        steps.append((int(match.group(1)), name))
+  if not steps:
+    raise CheckpointError(
+        f'CHECKPOINT_PATH {directory!r} holds no checkpoint_<step> or <step> '
+        "directories, so restore mode 'latest' finds nothing; point it at a "
+        "training directory, or use mode 'specific' with a checkpoint path")
+  return _join(directory, max(steps)[1])
+
+
 # --- format detection ---------------------------------------------------------
 
 

@@ -54,6 +54,12 @@ class InferConfig:
   # Plain input files instead of a registered task (pipeline.file_tasks);
   # mixture_or_task_name is then the task registered from it.
   file_task: Optional[Any] = None
+  # A live run holds the output directory's lock (pipeline.lock); a lock
+  # whose heartbeat is older than this is a dead run's, and is taken over.
+  lock_expiry_seconds: float = 900.0
+  # False: submit the job and return (a Flex Template launch); the job then
+  # keeps the lock alive from its workers and releases it at its end.
+  wait_until_finish: bool = True
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -65,6 +71,9 @@ class InferConfig:
     if self.num_input_shards is not None and self.num_input_shards < 1:
       raise ValueError('num_input_shards must be at least 1, got '
                        f'{self.num_input_shards}')
+    if self.lock_expiry_seconds <= 0:
+      raise ValueError('infer.lock_expiry_seconds must be positive, got '
+                       f'{self.lock_expiry_seconds}')
     if self.include_all_inputs and self.input_fields_to_include is not None:
       raise ValueError('infer.include_all_inputs and '
                        'infer.input_fields_to_include cannot both be set; '

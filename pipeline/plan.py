@@ -13,6 +13,7 @@ sub-task):
 """
 
 import dataclasses
+import datetime
 import difflib
 import importlib
 import json
@@ -130,6 +131,41 @@ def num_input_shards(task: seqio.Task, config: InferConfig) -> int:
     except Exception:  # pylint: disable=broad-except
       return 1
   return 1
+
+
+_PLACEHOLDER = re.compile(r'\{([^{}:]*)(?::([^{}]*))?\}')
+PLACEHOLDERS = ('date', 'checkpoint_step')
+
+
+def expand_output_dir(output_dir: str, checkpoint_path: str,
+                      now: Optional[datetime.datetime] = None) -> str:
+  """Fills INFER_OUTPUT_DIR's placeholders at launch.
+
+  `{date}` is the launch date in UTC (`2026-11-25`; `{date:%Y%m%d}` takes a
+  strftime format), `{checkpoint_step}` the step the checkpoint path names
+  (`checkpoint_1000000` -> 1000000). A scheduled rerun on the same day and
+  checkpoint lands in the same directory, where it finds the finished run.
+  """
+  def fill(match: re.Match) -> str:
+    name, spec = match.group(1), match.group(2)
+    if name == 'date':
+      moment = now or datetime.datetime.now(datetime.timezone.utc)
+      return moment.strftime(spec or '%Y-%m-%d')
+    if name == 'checkpoint_step' and not spec:
+      from model import checkpoints  # pylint: disable=g-import-not-at-top
+      step = checkpoints.checkpoint_step(checkpoint_path)
+      if step is None:
+        raise PlanError(
+            f'INFER_OUTPUT_DIR {output_dir!r} uses {{checkpoint_step}} but '
+            f'CHECKPOINT_PATH {checkpoint_path!r} names no step (expected '
+            '.../checkpoint_<step>, an Orbax .../<step> directory or a '
+            'TensorFlow model.ckpt-<step>); remove the placeholder')
+      return str(step)
+    raise PlanError(
+        f'INFER_OUTPUT_DIR {output_dir!r} has an unknown placeholder '
+        f'{match.group(0)!r}; the placeholders are {{date}}, '
+        '{date:FORMAT} and {checkpoint_step}')
+  return _PLACEHOLDER.sub(fill, output_dir)
 
 
 def layout(config: InferConfig, task_name: str) -> TaskLayout:

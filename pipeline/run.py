@@ -3,30 +3,38 @@
     result = run_inference(config, PipelineOptions(['--runner=FnApiRunner']))
 
 Rerunning with the same config resumes: finished chunks are not inferred
-again; a finished output returns at once without loading the model.
+again; a finished output returns at once without loading the model or
+taking the output directory's lock. A run refuses to start while another
+live run holds that lock (pipeline.lock).
 """
 
 import dataclasses
 import json
 import logging
 import time
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import StandardOptions
+from apache_beam.options.pipeline_options import TestOptions
 
-from pipeline import files, plan, transforms
+from pipeline import files, lock, plan, transforms
 from pipeline.config import InferConfig
 
 
 @dataclasses.dataclass
 class RunResult:
-  """What a run did. `status`: 'completed' or 'already_complete'."""
+  """What a run did. `status`: 'completed', 'already_complete', 'submitted'
+  (the job runs on without the launcher) or 'dry_run' (built, not run)."""
   status: str
   tasks: List[str]
   counters: Dict[str, int] = dataclasses.field(default_factory=dict)
   manifests: Dict[str, dict] = dataclasses.field(default_factory=dict)
   wall_seconds: float = 0.0
+  # The runner's result; for 'dry_run', Dataflow's (its `job` is the job
+  # description) or, on other runners, the pipeline proto.
+  beam_result: Any = None
 
 
 def plan_tasks(config: InferConfig) -> List[transforms.TaskPlan]:
@@ -48,23 +56,65 @@ def plan_tasks(config: InferConfig) -> List[transforms.TaskPlan]:
   return task_plans
 
 
+def _is_dataflow(options: PipelineOptions) -> bool:
+  runner = options.view_as(StandardOptions).runner or ''
+  return 'dataflow' in str(runner).lower()
+
+
 def run_inference(config: InferConfig,
-                  options: Optional[PipelineOptions] = None) -> RunResult:
-  """Runs (or resumes, or confirms) the inference `config` describes."""
+                  options: Optional[PipelineOptions] = None,
+                  on_claimed: Optional[Callable[[InferConfig], None]] = None
+                  ) -> RunResult:
+  """Runs (or resumes, or confirms) the inference `config` describes.
+
+  `on_claimed` runs once this run holds the output directory (the launcher
+  writes config.gin there). With Beam's `--dry_run=True` nothing is written:
+  the pipeline is built (and handed to Dataflow's runner, which stops before
+  submitting) and returned in `beam_result`.
+  """
   started_at = time.time()
+  options = options or PipelineOptions()
   task_names = [t.name for t in plan.resolve_tasks(config)]
-  plan.claim_output_dir(config, task_names)
-  task_plans = plan_tasks(config)
-  if not task_plans:
+  if options.view_as(TestOptions).dry_run:
+    return _dry_run(config, options, task_names, started_at)
+  fingerprint = config.fingerprint()
+  if all(plan.is_task_complete(plan.layout(config, name), fingerprint)
+         for name in task_names):
     logging.info('t5beam: every output in %s is already complete; nothing '
                  'to do', config.output_dir)
     return RunResult('already_complete', task_names,
                      wall_seconds=time.time() - started_at)
-  pipeline = beam.Pipeline(options=options or PipelineOptions())
-  _ = pipeline | 'T5Inference' >> transforms.InferAndWrite(
-      config, task_plans, started_at)
-  beam_result = pipeline.run()
-  beam_result.wait_until_finish()
+  owner = lock.new_owner()
+  generation = lock.acquire(
+      config.output_dir, owner, config.lock_expiry_seconds,
+      description=f'{config.mixture_or_task_name} {config.mode}',
+      bound_to_process=config.wait_until_finish)
+  lock_ref = lock.LockRef(config.output_dir, owner, generation,
+                          config.lock_expiry_seconds,
+                          release_at_end=not config.wait_until_finish)
+  release = True
+  try:
+    plan.claim_output_dir(config, task_names)
+    if on_claimed is not None:
+      on_claimed(config)
+    task_plans = plan_tasks(config)
+    if not task_plans:
+      return RunResult('already_complete', task_names,
+                       wall_seconds=time.time() - started_at)
+    pipeline = beam.Pipeline(options=options)
+    _ = pipeline | 'T5Inference' >> transforms.InferAndWrite(
+        config, task_plans, started_at, lock_ref)
+    with lock.Heartbeat(lock_ref):
+      beam_result = pipeline.run()
+      if not config.wait_until_finish:
+        release = False  # the job's last step releases the lock
+        return RunResult('submitted', task_names,
+                         wall_seconds=time.time() - started_at,
+                         beam_result=beam_result)
+      beam_result.wait_until_finish()
+  finally:
+    if release:
+      lock.release(config.output_dir, owner, generation)
   counters = {}
   for counter in beam_result.metrics().query()['counters']:
     if counter.key.metric.namespace == transforms.NAMESPACE:
@@ -75,4 +125,23 @@ def run_inference(config: InferConfig,
     manifest_path = plan.layout(config, name).manifest_path
     manifests[name] = json.loads(files.read_text(manifest_path))
   return RunResult('completed', task_names, counters, manifests,
-                   time.time() - started_at)
+                   time.time() - started_at, beam_result)
+
+
+def _dry_run(config: InferConfig, options: PipelineOptions,
+             task_names: List[str], started_at: float) -> RunResult:
+  """Builds the whole pipeline from a read-only plan; writes nothing."""
+  task_plans = plan_tasks(config)
+  pipeline = beam.Pipeline(options=options)
+  _ = pipeline | 'T5Inference' >> transforms.InferAndWrite(
+      config, task_plans, started_at,
+      lock.LockRef(config.output_dir, 'dry-run', 0,
+                   config.lock_expiry_seconds,
+                   release_at_end=not config.wait_until_finish))
+  # Dataflow's runner honours --dry_run (it stops before staging and
+  # submitting); for the others, translating the graph is the check.
+  beam_result = (pipeline.run() if _is_dataflow(options) else
+                 pipeline.to_runner_api())
+  return RunResult('dry_run', task_names,
+                   wall_seconds=time.time() - started_at,
+                   beam_result=beam_result)

@@ -23,7 +23,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 import numpy as np
 
-from pipeline import files, plan
+from pipeline import files, lock, plan
 from pipeline.config import InferConfig
 
 NAMESPACE = 't5beam'
@@ -277,10 +277,12 @@ class InferChunk(beam.DoFn):
   """
 
   def __init__(self, config: InferConfig, model_handle: shared.Shared,
-               num_shards: Dict[str, int]):
+               num_shards: Dict[str, int],
+               lock_ref: Optional[lock.LockRef] = None):
     self._config = config
     self._model_handle = model_handle
     self._num_shards = dict(num_shards)  # input shards of each task
+    self._lock_ref = lock_ref
     self._vocabularies = {}
 
   def setup(self):
@@ -289,6 +291,7 @@ class InferChunk(beam.DoFn):
     tag = f'{self._config.checkpoint_path}:{self._config.fingerprint()}'
     self._loaded = self._model_handle.acquire(
         lambda: load_model(self._config), tag=tag)
+    lock.worker_heartbeat(self._lock_ref)
 
   def _vocabulary(self, task_name: str):
     if task_name not in self._vocabularies:
@@ -318,6 +321,7 @@ class InferChunk(beam.DoFn):
                                         (task_name, shard, chunk))
     seconds = time.perf_counter() - start
     files.write_atomically(path, ''.join(lines).encode('utf-8'))
+    lock.worker_heartbeat(self._lock_ref)
     num_batches = -(-len(examples) // config.batch_size)
     _counter('examples_inferred').inc(len(examples))
     _counter('batches').inc(num_batches)
@@ -540,18 +544,21 @@ class InferAndWrite(beam.PTransform):
   """The pipeline of one run, from the launcher's plan to final files."""
 
   def __init__(self, config: InferConfig, task_plans: Sequence[TaskPlan],
-               started_at: Optional[float] = None):
+               started_at: Optional[float] = None,
+               lock_ref: Optional[lock.LockRef] = None):
     super().__init__()
     self._config = config
     self._task_plans = list(task_plans)
     self._started_at = started_at or time.time()
+    self._lock_ref = lock_ref
 
   def expand(self, pbegin):
     config = self._config
     shards = [(p.name, shard, p.num_shards) for p in self._task_plans
               for shard in range(p.num_shards)]
     infer = InferChunk(config, shared.Shared(),
-                       {p.name: p.num_shards for p in self._task_plans})
+                       {p.name: p.num_shards for p in self._task_plans},
+                       self._lock_ref)
     read = (pbegin
             | 'ListInputShards' >> beam.Create(shards)
             | 'SpreadShards' >> beam.Reshuffle()
@@ -567,7 +574,19 @@ class InferAndWrite(beam.PTransform):
     outputs = (planned.jobs
                | 'SpreadMerges' >> beam.Reshuffle()
                | 'MergeOutputShards' >> beam.ParDo(MergeOutputShard(config)))
-    return ({'summary': planned.summary, 'outputs': outputs}
-            | 'WaitForAllOutputShards' >> beam.CoGroupByKey()
-            | 'WriteManifest' >> beam.ParDo(
-                WriteManifest(config, self._started_at)))
+    manifests = ({'summary': planned.summary, 'outputs': outputs}
+                 | 'WaitForAllOutputShards' >> beam.CoGroupByKey()
+                 | 'WriteManifest' >> beam.ParDo(
+                     WriteManifest(config, self._started_at)))
+    if self._lock_ref is None or not self._lock_ref.release_at_end:
+      return manifests
+    return (manifests
+            | 'WaitForAllManifests' >> beam.combiners.Count.Globally()
+            | 'ReleaseLock' >> beam.Map(_release_lock, self._lock_ref))
+
+
+def _release_lock(num_manifests: int, ref: lock.LockRef) -> int:
+  lock.release(ref.output_dir, ref.owner, ref.generation)
+  logging.info('t5beam: wrote %d manifest(s); released the run lock',
+               num_manifests)
+  return num_manifests

@@ -93,3 +93,14 @@ def run_script_command(config, options, workdir):
     pickle.dump(config, f)
   return [sys.executable, '-c', RUN_SCRIPT.format(repo=REPO), path] + list(
       options)
+
+
+def launch(argv):
+  """Runs launch.infer.main in this process: (exit status, stderr text)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  from launch import infer  # pylint: disable=g-import-not-at-top
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr):
+    status = infer.main(argv)
+  return status, stderr.getvalue()

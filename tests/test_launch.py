@@ -42,15 +42,7 @@ def user_gin(env, **replace) -> str:
   return '\n'.join(v for v in lines.values() if v) + '\n'
 
 
-def launch(argv):
-  """Runs launch.infer.main in this process: (exit status, stderr text)."""
-  from launch import infer  # pylint: disable=g-import-not-at-top
-  import io  # pylint: disable=g-import-not-at-top
-  import contextlib  # pylint: disable=g-import-not-at-top
-  stderr = io.StringIO()
-  with contextlib.redirect_stderr(stderr):
-    status = infer.main(argv)
-  return status, stderr.getvalue()
+launch = helpers.launch
 
 
 def launch_user_gin(env, tmp_path, *extra_args, **replace):

@@ -1,0 +1,268 @@
+"""One live run per output directory: a lock file with a heartbeat and expiry.
+
+A scheduler may start a run while the previous one on the same output
+directory is still going. The lock makes the second refuse, with a message
+naming the live run, and lets a later run take over the lock of a run that
+died (its heartbeat stopped for longer than its expiry).
+
+The lock is a file `t5beam-run.lock-{generation}` in the output directory.
+Taking it means creating the next generation's file exclusively (O_EXCL on
+local disk, `ifGenerationMatch=0` on GCS), so of two runs racing for the same
+generation exactly one wins, whether the directory was free or held by a dead
+run. The owner rewrites its file with a fresh `heartbeat` time: the launcher
+from a thread while it waits for the job, and the workers after each chunk,
+so a job submitted without waiting (a Flex Template launch) keeps its lock
+alive. The job's last step removes the file.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from typing import Callable, Dict, Optional, Tuple
+
+from pipeline import files
+from pipeline.plan import PlanError
+
+LOCK_PREFIX = 't5beam-run.lock-'
+_LOCK_RE = re.compile(r'^t5beam-run\.lock-(\d{8})$')
+DEFAULT_EXPIRY_SECONDS = 900.0
+
+
+class LockHeldError(PlanError):
+  """Another live run holds the output directory."""
+
+
+def new_owner() -> str:
+  """An identity for one launch: host, process and a random part."""
+  return f'{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+  """What a lock file says: who holds it and since when."""
+  generation: int
+  owner: str
+  started: float
+  heartbeat: float
+  expiry_seconds: float
+  description: str = ''
+  # The launcher process holds the run (it waits for the job): when that
+  # process is gone, so is the run, whatever the heartbeat says.
+  bound_to_process: bool = False
+
+  def age(self, now: float) -> float:
+    return now - self.heartbeat
+
+  def is_live(self, now: float) -> bool:
+    return self.age(now) < self.expiry_seconds
+
+
+def _lock_path(output_dir: str, generation: int) -> str:
+  return files.join(output_dir, f'{LOCK_PREFIX}{generation:08d}')
+
+
+def _generations(output_dir: str):
+  found = []
+  for name in files.list_names(output_dir):
+    match = _LOCK_RE.match(name)
+    if match:
+      found.append(int(match.group(1)))
+  return sorted(found)
+
+
+def current_holder(output_dir: str) -> Optional[Holder]:
+  """The newest lock in `output_dir`, or None when it is free."""
+  for generation in reversed(_generations(output_dir)):
+    path = _lock_path(output_dir, generation)
+    try:
+      record = json.loads(files.read_text(path))
+    except FileNotFoundError:
+      continue  # released between the listing and the read
+    except ValueError:
+      # A lock file is written whole; an unreadable one is treated as a
+      # holder of unknown liveness that expires with the default expiry.
+      record = {'owner': 'unknown', 'started': 0, 'heartbeat': 0}
+    return Holder(generation, record['owner'], record['started'],
+                  record['heartbeat'],
+                  record.get('expiry_seconds', DEFAULT_EXPIRY_SECONDS),
+                  record.get('description', ''),
+                  record.get('bound_to_process', False))
+  return None
+
+
+def _record(owner: str, started: float, now: float, expiry_seconds: float,
+            description: str, bound_to_process: bool) -> bytes:
+  return json.dumps({'owner': owner, 'started': started, 'heartbeat': now,
+                     'expiry_seconds': expiry_seconds,
+                     'description': description,
+                     'bound_to_process': bound_to_process},
+                    indent=2).encode('utf-8')
+
+
+def _process_is_gone(holder: Holder) -> bool:
+  """True when the holder's launcher ran on this host and has exited (a
+  killed local run), so its lock need not wait out its expiry."""
+  host, _, rest = holder.owner.partition(':')
+  pid = rest.partition(':')[0]
+  if not holder.bound_to_process or host != socket.gethostname() or (
+      not pid.isdigit()):
+    return False
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:
+    return False
+  return False
+
+
+def _describe(holder: Holder, now: float) -> str:
+  what = f' ({holder.description})' if holder.description else ''
+  return (f'run {holder.owner}{what}, started '
+          f'{time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.started))}'
+          f', last heartbeat {holder.age(now):.0f} s ago')
+
+
+def acquire(output_dir: str, owner: str,
+            expiry_seconds: float = DEFAULT_EXPIRY_SECONDS,
+            description: str = '', bound_to_process: bool = False,
+            clock: Callable[[], float] = time.time) -> int:
+  """Takes the output directory's lock for `owner`; returns its generation.
+
+  Raises LockHeldError while another run's heartbeat is fresher than its
+  expiry. A stale lock is taken over (and its file removed), as is the lock
+  of a launcher on this host that has exited (`bound_to_process`).
+  """
+  files.makedirs(output_dir)
+  for _ in range(5):
+    now = clock()
+    holder = current_holder(output_dir)
+    if holder is not None and holder.owner == owner:
+      return holder.generation
+    if (holder is not None and holder.is_live(now) and
+        not _process_is_gone(holder)):
+      raise LockHeldError(
+          f'INFER_OUTPUT_DIR {output_dir!r} is in use by another live '
+          f'{_describe(holder, now)}; wait for it to finish (its lock '
+          f'expires {holder.expiry_seconds:.0f} s after its last heartbeat), '
+          'or use another output directory')
+    generation = holder.generation + 1 if holder else 1
+    path = _lock_path(output_dir, generation)
+    try:
+      with files.filesystem(path).open(path, 'xb') as f:
+        f.write(_record(owner, now, now, expiry_seconds, description,
+                        bound_to_process))
+    except (FileExistsError, OSError) as e:
+      if not _exists_error(e):
+        raise
+      continue  # another run took this generation first: look again
+    if holder is not None:
+      logging.warning('t5beam: took over the stale lock of %s',
+                      _describe(holder, now))
+      files.remove(_lock_path(output_dir, holder.generation))
+    return generation
+  raise LockHeldError(f'INFER_OUTPUT_DIR {output_dir!r}: could not take the '
+                      'run lock while other runs kept taking it; retry later')
+
+
+def _exists_error(error: Exception) -> bool:
+  if isinstance(error, FileExistsError):
+    return True
+  # gcsfs reports a failed ifGenerationMatch=0 as HTTP 412.
+  return '412' in str(error) or 'Precondition' in str(error)
+
+
+def heartbeat(output_dir: str, owner: str, generation: int,
+              clock: Callable[[], float] = time.time) -> bool:
+  """Refreshes `owner`'s lock; False when the lock is no longer `owner`'s."""
+  path = _lock_path(output_dir, generation)
+  try:
+    record = json.loads(files.read_text(path))
+  except (FileNotFoundError, ValueError):
+    return False
+  if record.get('owner') != owner:
+    return False
+  record['heartbeat'] = clock()
+  files.write_atomically(path, json.dumps(record, indent=2).encode('utf-8'))
+  return True
+
+
+def release(output_dir: str, owner: str, generation: int):
+  """Removes `owner`'s lock file (nothing if another run has taken over)."""
+  path = _lock_path(output_dir, generation)
+  try:
+    record = json.loads(files.read_text(path))
+  except (FileNotFoundError, ValueError):
+    return
+  if record.get('owner') == owner:
+    files.remove(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class LockRef:
+  """What the launcher and the workers need to refresh the run's lock."""
+  output_dir: str
+  owner: str
+  generation: int
+  expiry_seconds: float
+  # The job's last step removes the lock (when the launcher does not wait).
+  release_at_end: bool = False
+
+  @property
+  def heartbeat_interval(self) -> float:
+    return min(60.0, max(0.5, self.expiry_seconds / 6))
+
+
+class Heartbeat:
+  """Refreshes a lock every heartbeat interval from a daemon thread."""
+
+  def __init__(self, ref: LockRef):
+    self._ref = ref
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True,
+                                    name='t5beam-lock-heartbeat')
+
+  def _run(self):
+    ref = self._ref
+    while not self._stop.wait(ref.heartbeat_interval):
+      try:
+        if not heartbeat(ref.output_dir, ref.owner, ref.generation):
+          logging.warning('t5beam: the run lock in %s is no longer this '
+                          "run's", ref.output_dir)
+          return
+      except Exception:  # pylint: disable=broad-except
+        logging.warning('t5beam: lock heartbeat failed; will retry',
+                        exc_info=True)
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *unused):
+    self._stop.set()
+    self._thread.join(timeout=self._ref.heartbeat_interval + 5)
+
+
+_last_beats: Dict[Tuple[str, str, int], float] = {}
+
+
+def worker_heartbeat(ref: Optional[LockRef]):
+  """Called by workers as they finish work; refreshes at most once per
+  heartbeat interval per process."""
+  if ref is None:
+    return
+  key = (ref.output_dir, ref.owner, ref.generation)
+  now = time.time()
+  if now - _last_beats.get(key, 0.0) < ref.heartbeat_interval:
+    return
+  _last_beats[key] = now
+  try:
+    heartbeat(ref.output_dir, ref.owner, ref.generation)
+  except Exception:  # pylint: disable=broad-except
+    logging.warning('t5beam: lock heartbeat failed', exc_info=True)
