@@ -1,5 +1,11 @@
 """Packages t5beam's model/, pipeline/ and launch/ (Dataflow installs workers
-from this file with --setup_file)."""
+from this file with --setup_file).
+
+Your own task module travels the same way: put it in a package beside
+launch/ (a directory with an __init__.py, e.g. my_tasks/) and name it in
+MIXTURE_OR_TASK_MODULE ('my_tasks'); every package here but tests/ and
+bench/ is included.
+"""
 
 import setuptools
 
@@ -8,7 +14,8 @@ setuptools.setup(
     version='0.1.0',
     description='Batch inference of T5-family JAX/Flax models over SeqIO '
                 'tasks as an Apache Beam pipeline',
-    packages=['model', 'pipeline', 'launch', 'launch.demo'],
+    packages=setuptools.find_packages(
+        exclude=('tests', 'tests.*', 'bench', 'bench.*')),
     package_data={
         'launch': ['configs/*/*.gin'],
         'launch.demo': ['data/*.tsv', 'checkpoint/*', 'checkpoint/*/*',
@@ -19,7 +26,7 @@ setuptools.setup(
     },
     python_requires='>=3.10',
     install_requires=[
-        'apache-beam==2.77.0',
+        'apache-beam[gcp]==2.77.0',
         'jax==0.10.2',
         'flax==0.12.8',
         'seqio==0.0.20',

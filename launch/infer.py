@@ -29,13 +29,20 @@ class LaunchError(Exception):
 
 def split_flags(argv: Sequence[str]) -> Tuple[List[str], List[str], List[str],
                                                List[str]]:
-  """(gin files, gin bindings, search paths, Beam arguments) from argv."""
+  """(gin files, gin bindings, search paths, Beam arguments) from argv.
+
+  `--flagfile=PATH` reads more flags from a file, one per line ('#' starts
+  a comment line), in place: launch/dataflow/gpu.flags for example."""
   gin_files, bindings, search_paths, beam_args = [], [], [], []
   args = list(argv)
   i = 0
   while i < len(args):
     arg = args[i]
     name, has_value, value = arg.partition('=')
+    if name == '--flagfile':
+      args[i + 1:i + 1] = read_flagfile(value if has_value else '')
+      i += 1
+      continue
     takes_value = name in ('--gin_file', '--gin_bindings', '--gin_search_paths')
     if takes_value and not has_value:
       if i + 1 >= len(args):
@@ -56,6 +63,23 @@ def split_flags(argv: Sequence[str]) -> Tuple[List[str], List[str], List[str],
       beam_args.append(arg)
     i += 1
   return gin_files, bindings, search_paths, beam_args
+
+
+def read_flagfile(path: str) -> List[str]:
+  if not path:
+    raise LaunchError('write --flagfile=PATH')
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = [line.strip() for line in f]
+  except OSError as e:
+    raise LaunchError(f'--flagfile {path!r} cannot be read: {e.strerror}; '
+                      'check the path') from e
+  flags = [line for line in lines if line and not line.startswith('#')]
+  bad = [line for line in flags if not line.startswith('--')]
+  if bad:
+    raise LaunchError(f'--flagfile {path!r}: {bad[0]!r} is not a flag; write '
+                      'one --name=value per line')
+  return flags
 
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
