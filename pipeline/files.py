@@ -64,6 +64,28 @@ def write_atomically(path: str, data: bytes):
   fs.mv(temporary, path)
 
 
+def create_exclusively(path: str, data: bytes):
+  """Writes `data` to a new file `path`, whole; FileExistsError if `path`
+  exists. Of concurrent creators exactly one succeeds: on local disk the
+  complete file is hard-linked into place (link fails on an existing name),
+  on GCS the upload carries ifGenerationMatch=0."""
+  fs = filesystem(path)
+  directory, name = os.path.split(path)
+  fs.makedirs(directory, exist_ok=True)
+  if 'file' in fs.protocol:
+    local = fs._strip_protocol(path)  # pylint: disable=protected-access
+    temporary = os.path.join(os.path.dirname(local),
+                             f'{TEMP_PREFIX}{uuid.uuid4().hex}-{name}')
+    with open(temporary, 'wb') as f:
+      f.write(data)
+    try:
+      os.link(temporary, local)
+    finally:
+      os.remove(temporary)
+  else:
+    fs.pipe_file(path, data, mode='create')
+
+
 def remove(path: str):
   fs = filesystem(path)
   if fs.exists(path):

@@ -6,9 +6,9 @@ naming the live run, and lets a later run take over the lock of a run that
 died (its heartbeat stopped for longer than its expiry).
 
 The lock is a file `t5beam-run.lock-{generation}` in the output directory.
-Taking it means creating the next generation's file exclusively (O_EXCL on
-local disk, `ifGenerationMatch=0` on GCS), so of two runs racing for the same
-generation exactly one wins, whether the directory was free or held by a dead
+Taking it means creating the next generation's file exclusively (a hard
+link on local disk, `ifGenerationMatch=0` on GCS), so of runs racing for the
+same generation exactly one wins, whether the directory was free or held by a dead
 run. The owner rewrites its file with a fresh `heartbeat` time: the launcher
 from a thread while it waits for the job, and the workers after each chunk,
 so a job submitted without waiting (a Flex Template launch) keeps its lock
@@ -78,22 +78,26 @@ def _generations(output_dir: str):
 
 def current_holder(output_dir: str) -> Optional[Holder]:
   """The newest lock in `output_dir`, or None when it is free."""
-  for generation in reversed(_generations(output_dir)):
-    path = _lock_path(output_dir, generation)
+  for _ in range(10):
+    generations = _generations(output_dir)
+    if not generations:
+      return None
+    path = _lock_path(output_dir, generations[-1])
     try:
       record = json.loads(files.read_text(path))
     except FileNotFoundError:
-      continue  # released between the listing and the read
+      continue  # taken over or released since the listing: list again
     except ValueError:
-      # A lock file is written whole; an unreadable one is treated as a
-      # holder of unknown liveness that expires with the default expiry.
+      # Lock files appear whole; an unreadable one is a holder of unknown
+      # liveness, and expires with the default expiry.
       record = {'owner': 'unknown', 'started': 0, 'heartbeat': 0}
-    return Holder(generation, record['owner'], record['started'],
+    return Holder(generations[-1], record['owner'], record['started'],
                   record['heartbeat'],
                   record.get('expiry_seconds', DEFAULT_EXPIRY_SECONDS),
                   record.get('description', ''),
                   record.get('bound_to_process', False))
-  return None
+  raise LockHeldError(f'INFER_OUTPUT_DIR {output_dir!r}: its run lock keeps '
+                      'changing hands; retry later')
 
 
 def _record(owner: str, started: float, now: float, expiry_seconds: float,
@@ -155,12 +159,9 @@ def acquire(output_dir: str, owner: str,
     generation = holder.generation + 1 if holder else 1
     path = _lock_path(output_dir, generation)
     try:
-      with files.filesystem(path).open(path, 'xb') as f:
-        f.write(_record(owner, now, now, expiry_seconds, description,
-                        bound_to_process))
-    except (FileExistsError, OSError) as e:
-      if not _exists_error(e):
-        raise
+      files.create_exclusively(path, _record(
+          owner, now, now, expiry_seconds, description, bound_to_process))
+    except FileExistsError:
       continue  # another run took this generation first: look again
     if holder is not None:
       logging.warning('t5beam: took over the stale lock of %s',
@@ -169,13 +170,6 @@ def acquire(output_dir: str, owner: str,
     return generation
   raise LockHeldError(f'INFER_OUTPUT_DIR {output_dir!r}: could not take the '
                       'run lock while other runs kept taking it; retry later')
-
-
-def _exists_error(error: Exception) -> bool:
-  if isinstance(error, FileExistsError):
-    return True
-  # gcsfs reports a failed ifGenerationMatch=0 as HTTP 412.
-  return '412' in str(error) or 'Precondition' in str(error)
 
 
 def heartbeat(output_dir: str, owner: str, generation: int,

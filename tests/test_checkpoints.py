@@ -14,6 +14,7 @@ from model import checkpoints
 from model.checkpoints import CheckpointError
 from model.config import T5Config
 from model.inference import InferenceModel
+from tests import checkpoint_writers as writers
 from tests import reference as ref
 
 CONFIG = T5Config(vocab_size=256, d_model=32, num_heads=2, d_kv=8, d_ff=64,
@@ -145,62 +146,12 @@ def test_orbax_shape_mismatch_names_the_parameter(hf_dir, tmp_path):
     checkpoints.load_checkpoint(path, config=config.replace(d_ff=48))
 
 
-def _mesh_tensorflow_variables(config, params):
-  """Our parameters under the variable names of the original T5 (Mesh
-  TensorFlow) checkpoints, plus the optimizer slots and step they carry."""
-  flat = checkpoints.flatten(params)
-  out = {'shared/embedding': flat['token_embedder/embedding'],
-         'global_step': np.array(1110000, np.int64)}
-  for tower, layers, blocks in (
-      ('encoder', config.num_encoder_layers,
-       [('SelfAttention', 'attention', 'pre_attention_layer_norm')]),
-      ('decoder', config.num_decoder_layers,
-       [('SelfAttention', 'self_attention', 'pre_self_attention_layer_norm'),
-        ('EncDecAttention', 'encoder_decoder_attention',
-         'pre_cross_attention_layer_norm')])):
-    out[f'{tower}/block_000/layer_000/SelfAttention/relative_attention_bias'] = (
-        flat[f'{tower}/relpos_bias/rel_embedding'])
-    norm = 'encoder_norm' if tower == 'encoder' else 'decoder_norm'
-    out[f'{tower}/rms_norm/scale'] = flat[f'{tower}/{norm}/scale']
-    for i in range(layers):
-      block = f'{tower}/block_{i:03d}'
-      for j, (theirs, ours, layer_norm) in enumerate(blocks):
-        out[f'{block}/layer_{j:03d}/rms_norm/scale'] = flat[
-            f'{tower}/layers_{i}/{layer_norm}/scale']
-        for short, long in (('q', 'query'), ('k', 'key'), ('v', 'value'),
-                            ('o', 'out')):
-          value = flat[f'{tower}/layers_{i}/{ours}/{long}/kernel']
-          out[f'{block}/layer_{j:03d}/{theirs}/{short}'] = value
-          out[f'{block}/layer_{j:03d}/{theirs}/{short}_slot_vr'] = (
-              np.ones(value.shape[:1], np.float32))
-      mlp = f'{block}/layer_{len(blocks):03d}'
-      out[f'{mlp}/rms_norm/scale'] = flat[
-          f'{tower}/layers_{i}/pre_mlp_layer_norm/scale']
-      for kernel in ('wi_0', 'wi_1', 'wo'):
-        out[f'{mlp}/DenseReluDense/{kernel}/kernel'] = flat[
-            f'{tower}/layers_{i}/mlp/{kernel}/kernel']
-  out['decoder/logits/kernel'] = flat['decoder/logits_dense/kernel']
-  return out
-
-
-def _write_tensorflow_checkpoint(prefix, variables):
-  """Saves `variables` with TensorFlow's own (TF1-style) Saver."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  graph = tf.Graph()
-  with graph.as_default():
-    for name, value in variables.items():
-      tf.compat.v1.Variable(value, name=name)
-    saver = tf.compat.v1.train.Saver()
-    with tf.compat.v1.Session() as session:
-      session.run(tf.compat.v1.global_variables_initializer())
-      return saver.save(session, prefix, global_step=1110000)
-
-
 def test_mesh_tensorflow_checkpoint_gives_identical_predictions(
     hf_dir, tmp_path, encoder_tokens):
   config, params = checkpoints.load_checkpoint(hf_dir)
-  saved = _write_tensorflow_checkpoint(
-      str(tmp_path / 'model.ckpt'), _mesh_tensorflow_variables(config, params))
+  saved = writers.write_tensorflow_checkpoint(
+      str(tmp_path / 'model.ckpt'),
+      writers.mesh_tensorflow_variables(config, params))
   assert saved.endswith('model.ckpt-1110000')
   assert checkpoints.detect_format(saved) == 'tensorflow'
   assert checkpoints.detect_format(str(tmp_path)) == 'tensorflow'
@@ -216,65 +167,34 @@ def test_mesh_tensorflow_checkpoint_gives_identical_predictions(
 
 def test_mesh_tensorflow_errors_name_the_problem(hf_dir, tmp_path):
   config, params = checkpoints.load_checkpoint(hf_dir)
-  variables = _mesh_tensorflow_variables(config, params)
-  saved = _write_tensorflow_checkpoint(str(tmp_path / 'a' / 'model.ckpt'),
-                                       variables)
+  variables = writers.mesh_tensorflow_variables(config, params)
+  saved = writers.write_tensorflow_checkpoint(
+      str(tmp_path / 'a' / 'model.ckpt'), variables)
   with pytest.raises(CheckpointError, match='does not record its '
                      'architecture.*model'):
     checkpoints.load_checkpoint(saved)
   extra = dict(variables, **{'encoder/block_000/layer_000/Adapter/w':
                              np.zeros(3, np.float32)})
-  saved = _write_tensorflow_checkpoint(str(tmp_path / 'b' / 'model.ckpt'),
-                                       extra)
+  saved = writers.write_tensorflow_checkpoint(
+      str(tmp_path / 'b' / 'model.ckpt'), extra)
   with pytest.raises(CheckpointError, match="'encoder/block_000/layer_000/"
                      "Adapter/w' has no place"):
     checkpoints.load_checkpoint(saved, config=config)
   missing = {k: v for k, v in variables.items()
              if k != 'decoder/block_001/layer_002/DenseReluDense/wo/kernel'}
-  saved = _write_tensorflow_checkpoint(str(tmp_path / 'c' / 'model.ckpt'),
-                                       missing)
+  saved = writers.write_tensorflow_checkpoint(
+      str(tmp_path / 'c' / 'model.ckpt'), missing)
   with pytest.raises(CheckpointError,
                      match="lacks 1 parameter.*decoder/layers_1/mlp/wo"):
     checkpoints.load_checkpoint(saved, config=config)
-
-
-def _write_t5x_checkpoint(directory, params, inline=()):
-  """A T5X checkpoint as T5X lays it out: each parameter a zarr array
-  written by TensorStore in a folder named after its path with dots, and a
-  msgpack 'checkpoint' file ({version, optimizer: {target, state}}) holding
-  the relative TensorStore specs (or, for names in `inline`, the array)."""
-  import tensorstore as ts  # pylint: disable=g-import-not-at-top
-  from flax import serialization  # pylint: disable=g-import-not-at-top
-  os.makedirs(directory)
-  specs = {}
-  for name, value in checkpoints.flatten(params).items():
-    if name in inline:
-      specs[name] = np.asarray(value)
-      continue
-    relative = 'target.' + name.replace('/', '.')
-    spec = {'driver': 'zarr', 'dtype': np.dtype(value.dtype).name,
-            'kvstore': {'driver': 'file', 'path': relative},
-            'metadata': {'shape': list(value.shape),
-                         'chunks': list(value.shape),
-                         'compressor': {'id': 'gzip'}}}
-    written = json.loads(json.dumps(spec))
-    written['kvstore']['path'] = os.path.join(directory, relative)
-    store = ts.open(written, create=True, open=True).result()
-    store.write(np.asarray(value)).result()
-    specs[name] = spec
-  state = {'version': 3, 'optimizer': {
-      'target': checkpoints.unflatten(specs),
-      'state': {'step': np.array(1000000, np.int64)}}}
-  with open(os.path.join(directory, 'checkpoint'), 'wb') as f:
-    f.write(serialization.msgpack_serialize(state))
 
 
 def test_t5x_checkpoint_gives_identical_predictions(hf_dir, tmp_path,
                                                     encoder_tokens):
   config, params = checkpoints.load_checkpoint(hf_dir)
   directory = str(tmp_path / 'checkpoint_1000000')
-  _write_t5x_checkpoint(directory, params,
-                        inline=('encoder/encoder_norm/scale',))
+  writers.write_t5x_checkpoint(directory, params,
+                               inline=('encoder/encoder_norm/scale',))
   assert checkpoints.detect_format(directory) == 't5x'
   expected = _predict(InferenceModel(config, params), encoder_tokens)
   actual = _predict(InferenceModel.load(directory, config=config),
@@ -298,11 +218,12 @@ def test_every_format_gives_the_same_predictions(reference_model, hf_dir,
   orbax = str(tmp_path / 'orbax')
   checkpoints.save_orbax(orbax, config, params)
   t5x = str(tmp_path / 'checkpoint_1')
-  _write_t5x_checkpoint(t5x, params)
-  t5x_orbax = _write_t5x_orbax_checkpoint(str(tmp_path / 't5x-orbax'), params)
-  tensorflow = _write_tensorflow_checkpoint(
+  writers.write_t5x_checkpoint(t5x, params)
+  t5x_orbax = writers.write_t5x_orbax_checkpoint(
+      str(tmp_path / 't5x-orbax'), params)
+  tensorflow = writers.write_tensorflow_checkpoint(
       str(tmp_path / 'tf' / 'model.ckpt'),
-      _mesh_tensorflow_variables(config, params))
+      writers.mesh_tensorflow_variables(config, params))
   results = [_predict(InferenceModel.load(path, config=config),
                       encoder_tokens)
              for path in (hf_dir, sharded, orbax, t5x, t5x_orbax, tensorflow)]
@@ -311,23 +232,10 @@ def test_every_format_gives_the_same_predictions(reference_model, hf_dir,
     np.testing.assert_array_equal(scores, results[0][1])
 
 
-def _write_t5x_orbax_checkpoint(directory, params, step=1000):
-  """A T5X Orbax checkpoint: a CheckpointManager step 'checkpoint_<step>'
-  whose 'state' item is the train state {target, state} (use_ocdbt)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(step_prefix='checkpoint'))
-  state = {'target': params, 'state': {'step': np.array(step, np.int64)}}
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeSave(state)))
-  manager.wait_until_finished()
-  return os.path.join(directory, f'checkpoint_{step}')
-
-
 def test_t5x_orbax_checkpoint_gives_identical_predictions(hf_dir, tmp_path,
                                                           encoder_tokens):
   config, params = checkpoints.load_checkpoint(hf_dir)
-  path = _write_t5x_orbax_checkpoint(str(tmp_path / 'model'), params)
+  path = writers.write_t5x_orbax_checkpoint(str(tmp_path / 'model'), params)
   assert os.path.isdir(os.path.join(path, 'state'))
   expected = _predict(InferenceModel(config, params), encoder_tokens)
   for where in (path, os.path.join(path, 'state')):

@@ -1,49 +1,71 @@
-"""gs:// checkpoints and outputs, against a real GCS-protocol server."""
+"""gs:// everywhere, against a real GCS-protocol server on loopback: task
+data read by SeqIO (TensorFlow's GCS client), every checkpoint format
+(gcsfs, TensorStore, Orbax, TensorFlow), outputs, and the run lock.
+
+Each test runs its gs:// work in a child process that gets the server's
+environment before anything is imported (see tests/gcs_server.py)."""
 
 import json
+import os
 import subprocess
 import sys
 
+import numpy as np
+
+from tests import checkpoint_writers as writers
 from tests import gcs_server
 from tests import pipeline_helpers as helpers
 
-SCRIPT = r'''
+PRELUDE = r'''
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import fsspec
+fs = fsspec.filesystem('gcs')
+if not fs.exists('t5beam-test'):
+  fs.mkdir('t5beam-test')
+'''
+
+
+def run_child(env, script: str, *args) -> dict:
+  env = dict(env, PYTHONPATH=helpers.REPO)
+  process = subprocess.run(
+      [sys.executable, '-c', PRELUDE.format(repo=helpers.REPO) + script,
+       *map(str, args)],
+      env=env, capture_output=True, text=True, timeout=600)
+  assert process.returncode == 0, process.stderr[-3000:]
+  return json.loads(process.stdout.split('REPORT ', 1)[1])
+
+
+PIPELINE_SCRIPT = r'''
 from apache_beam.options.pipeline_options import PipelineOptions
+data, checkpoint, output = sys.argv[1:4]
+for local, remote in ((os.environ['LOCAL_DATA'], data),
+                      (os.environ['LOCAL_CHECKPOINT'], checkpoint)):
+  if remote.startswith('gs://') and not fs.exists(remote):
+    fs.put(local, remote, recursive=True)
+os.environ['T5BEAM_TEST_DATA'] = data  # read by tests.tasks at import
 from pipeline.config import InferConfig
 from pipeline.run import run_inference
-local_checkpoint, local_output, data = sys.argv[1:4]
-os.environ['T5BEAM_TEST_DATA'] = data
-fs = fsspec.filesystem('gcs')
-fs.mkdir('t5beam-test')
-fs.put(local_checkpoint, 'gs://t5beam-test/models/hf', recursive=True)
-report = {{}}
-for name, output, checkpoint in (
-    ('local', local_output, local_checkpoint),
-    ('gcs', 'gs://t5beam-test/runs/out', 'gs://t5beam-test/models/hf')):
-  config = InferConfig(
-      mixture_or_task_name='t5beam_test_two_files',
-      task_feature_lengths={{'inputs': 24, 'targets': 8}},
-      checkpoint_path=checkpoint, output_dir=output,
-      mixture_or_task_module='tests.tasks', batch_size=4,
-      checkpoint_period=2, num_output_shards=2)
-  report[name] = run_inference(
-      config, PipelineOptions(['--runner=FnApiRunner'])).status
-report['rerun'] = run_inference(
-    config, PipelineOptions(['--runner=FnApiRunner'])).status
-report['files'] = {{os.path.basename(p): fs.cat(p).decode()
-                   for p in fs.ls('gs://t5beam-test/runs/out')
-                   if '.jsonl-' in p or p.endswith('manifest.json')
-                   or p.endswith('.COMPLETED')}}
-report['leftovers'] = [p for p in fs.find('gs://t5beam-test/runs')
-                       if 'inprogress' in p or '/tmp-' in p]
+config = InferConfig(
+    mixture_or_task_name='t5beam_test_two_files',
+    task_feature_lengths={'inputs': 24, 'targets': 8},
+    checkpoint_path=checkpoint, output_dir=output,
+    mixture_or_task_module='tests.tasks', batch_size=4,
+    checkpoint_period=2, num_output_shards=2)
+options = PipelineOptions(['--runner=FnApiRunner'])
+report = {'first': run_inference(config, options).status,
+          'rerun': run_inference(config, options).status}
+out = fsspec.core.url_to_fs(output)[0]
+report['files'] = {os.path.basename(p): out.cat(p).decode()
+                   for p in out.ls(output)
+                   if '.jsonl-' in p or p.endswith('manifest.json')}
+report['leftovers'] = [os.path.basename(p) for p in out.find(output)
+                       if 'inprogress' in p or '/tmp-' in p or 'lock' in p]
 print('REPORT ' + json.dumps(report))
 '''
 
 
-def test_gcs_checkpoint_and_output_match_a_local_run(tmp_path):
+def test_data_checkpoint_and_output_on_gcs_match_a_local_run(tmp_path):
   import torch  # pylint: disable=g-import-not-at-top
   from model.config import T5Config  # pylint: disable=g-import-not-at-top
   from tests import reference  # pylint: disable=g-import-not-at-top
@@ -57,22 +79,141 @@ def test_gcs_checkpoint_and_output_match_a_local_run(tmp_path):
   with torch.no_grad():
     hf.shared.weight[0] = 0.0
   hf.save_pretrained(checkpoint)
-  local = tmp_path / 'local'
   with gcs_server.running_server() as env:
-    env['PYTHONPATH'] = helpers.REPO
-    process = subprocess.run(
-        [sys.executable, '-c', SCRIPT.format(repo=helpers.REPO),
-         str(checkpoint), str(local), str(data)],
-        env=env, capture_output=True, text=True, timeout=600)
-  assert process.returncode == 0, process.stderr[-3000:]
-  report = json.loads(process.stdout.split('REPORT ', 1)[1])
-  assert (report['local'], report['gcs'], report['rerun']) == (
-      'completed', 'completed', 'already_complete')
-  for index in range(2):
-    name = f't5beam_test_two_files-predict.jsonl-{index:05d}-of-00002'
-    assert report['files'][name] == (local / name).read_text()
-    assert f'{name}.COMPLETED' in report['files']
+    env.update(LOCAL_DATA=str(data), LOCAL_CHECKPOINT=str(checkpoint))
+    local = run_child(env, PIPELINE_SCRIPT, data, checkpoint,
+                      tmp_path / 'local')
+    remote = run_child(env, PIPELINE_SCRIPT, 'gs://t5beam-test/data',
+                       'gs://t5beam-test/models/hf',
+                       'gs://t5beam-test/runs/out')
+  assert (local['first'], local['rerun']) == ('completed', 'already_complete')
+  assert (remote['first'], remote['rerun']) == ('completed',
+                                                'already_complete')
+  names = [f't5beam_test_two_files-predict.jsonl-{i:05d}-of-00002'
+           for i in range(2)]
+  for name in names:
+    assert remote['files'][name] == local['files'][name]
+  records = [json.loads(line) for name in names
+             for line in remote['files'][name].splitlines()]
+  assert len(records) == 34  # 21 + 13 lines, read from gs:// by tf.data
+  assert records[0]['inputs']['inputs_pretokenized'] == 'first file 0 '
   manifest = json.loads(
-      report['files']['t5beam_test_two_files-predict.manifest.json'])
-  assert sum(f['records'] for f in manifest['files']) == 34
-  assert report['leftovers'] == []
+      remote['files']['t5beam_test_two_files-predict.manifest.json'])
+  assert manifest['input_shards'] == 2  # one per file, listed on gs://
+  assert remote['leftovers'] == []
+
+
+FORMATS_SCRIPT = r'''
+import numpy as np
+from model import checkpoints
+from model.config import T5Config
+from model.inference import InferenceModel
+local_root = sys.argv[1]
+config = T5Config.from_dict(json.loads(sys.argv[2]))
+tokens = np.array(json.loads(sys.argv[3]), np.int32)
+fs.put(local_root, 'gs://t5beam-test/formats', recursive=True)
+report = {}
+for name in json.loads(sys.argv[4]):
+  results = []
+  for root in (local_root, 'gs://t5beam-test/formats'):
+    path = root + '/' + name
+    model = InferenceModel.load(path, config=config)
+    predicted, scores = model.predict_batch(
+        {'encoder_input_tokens': tokens}, max_length=10, return_scores=True)
+    results.append((np.asarray(predicted), np.asarray(scores),
+                    checkpoints.detect_format(path),
+                    checkpoints.checkpoint_step(path)))
+  (local_tokens, local_scores, local_format, local_step), remote = results
+  report[name] = {
+      'format': remote[2], 'step': remote[3],
+      'same_as_local': bool(np.array_equal(local_tokens, remote[0]) and
+                            np.array_equal(local_scores, remote[1]) and
+                            local_format == remote[2] and
+                            local_step == remote[3]),
+      'tokens': remote[0].tolist()}
+report['latest'] = checkpoints.latest_checkpoint(
+    'gs://t5beam-test/formats/train')
+print('REPORT ' + json.dumps(report))
+'''
+
+
+def test_every_checkpoint_format_reads_from_gcs(tmp_path):
+  from model import checkpoints  # pylint: disable=g-import-not-at-top
+  from model.inference import InferenceModel  # pylint: disable=g-import-not-at-top
+  from tests import reference  # pylint: disable=g-import-not-at-top
+  from tests.test_checkpoints import CONFIG  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'formats'
+  hf = reference.make_reference(CONFIG, seed=4, eos_boost=0.3)
+  hf.save_pretrained(root / 'hf-sharded', max_shard_size='100KB')
+  config, params = checkpoints.load_checkpoint(str(root / 'hf-sharded'))
+  checkpoints.save_orbax(str(root / 'orbax'), config, params)
+  writers.write_t5x_orbax_checkpoint(str(root / 'train'), params, step=2000)
+  writers.write_t5x_checkpoint(str(root / 'train' / 'checkpoint_1000'), params)
+  writers.write_tensorflow_checkpoint(
+      str(root / 'tf' / 'model.ckpt'),
+      writers.mesh_tensorflow_variables(config, params))
+  tokens = reference.random_inputs(np.random.default_rng(1), 8, 20,
+                                   CONFIG.vocab_size)
+  expected = InferenceModel(config, params).predict_batch(
+      {'encoder_input_tokens': tokens}, max_length=10)
+  names = ['hf-sharded', 'orbax', 'train/checkpoint_1000',
+           'train/checkpoint_2000', 'tf']
+  with gcs_server.running_server() as env:
+    report = run_child(env, FORMATS_SCRIPT, root,
+                       json.dumps(config.to_dict()),
+                       json.dumps(tokens.tolist()), json.dumps(names))
+  formats = {name: (report[name]['format'], report[name]['step'])
+             for name in names}
+  assert formats == {'hf-sharded': ('huggingface', None),
+                     'orbax': ('orbax', None),
+                     'train/checkpoint_1000': ('t5x', 1000),
+                     'train/checkpoint_2000': ('orbax', 2000),
+                     'tf': ('tensorflow', 1110000)}
+  for name in names:
+    assert report[name]['same_as_local'], name
+    np.testing.assert_array_equal(report[name]['tokens'], expected)
+  assert report['latest'] == 'gs://t5beam-test/formats/train/checkpoint_2000'
+
+
+LOCK_SCRIPT = r'''
+import threading, time
+from pipeline import lock
+output = 'gs://t5beam-test/locked/out'
+report = {}
+for round_ in range(2):  # a free directory, then a dead holder's
+  results = []
+  barrier = threading.Barrier(4)
+  def contender(i):
+    barrier.wait()
+    try:
+      results.append(lock.acquire(output, f'host:{round_}:{i}', 60))
+    except lock.LockHeldError as e:
+      results.append('refused')
+  threads = [threading.Thread(target=contender, args=(i,)) for i in range(4)]
+  for t in threads: t.start()
+  for t in threads: t.join()
+  holder = lock.current_holder(output)
+  report[f'round{round_}'] = {
+      'results': sorted(map(str, results)),
+      'locks': sorted(os.path.basename(p) for p in fs.ls(output)),
+      'holder': holder.owner}
+  path = f'{output}/t5beam-run.lock-{holder.generation:08d}'
+  record = json.loads(fs.cat(path))
+  record['heartbeat'] -= 120
+  fs.pipe(path, json.dumps(record).encode())
+winner = lock.current_holder(output)
+lock.release(output, 'someone-else', winner.generation)  # not theirs: kept
+report['kept'] = lock.current_holder(output) is not None
+lock.release(output, winner.owner, winner.generation)
+report['released'] = lock.current_holder(output) is None
+print('REPORT ' + json.dumps(report))
+'''
+
+
+def test_the_run_lock_on_gcs_admits_exactly_one_run():
+  with gcs_server.running_server() as env:
+    report = run_child(env, LOCK_SCRIPT)
+  for round_, generation in (('round0', 1), ('round1', 2)):
+    assert report[round_]['results'] == [str(generation)] + ['refused'] * 3
+    assert report[round_]['locks'] == [f't5beam-run.lock-{generation:08d}']
+  assert report['kept'] and report['released']
