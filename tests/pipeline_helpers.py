@@ -104,3 +104,33 @@ def launch(argv):
   with contextlib.redirect_stderr(stderr):
     status = infer.main(argv)
   return status, stderr.getvalue()
+
+
+def race_for_lock(output_dir: str, contenders: int, tag: str):
+  """`contenders` threads take the run lock of `output_dir` at once, then
+  the winner's heartbeat is set two minutes back (it died): (sorted results
+  as strings, one per contender: the generation taken or 'refused')."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from pipeline import files, lock  # pylint: disable=g-import-not-at-top
+  results = []
+  barrier = threading.Barrier(contenders)
+
+  def contender(i):
+    barrier.wait()
+    try:
+      results.append(str(lock.acquire(output_dir, f'host:{tag}:{i}', 60)))
+    except lock.LockHeldError:
+      results.append('refused')
+
+  threads = [threading.Thread(target=contender, args=(i,))
+             for i in range(contenders)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  holder = lock.current_holder(output_dir)
+  path = files.join(output_dir, f'{lock.LOCK_PREFIX}{holder.generation:08d}')
+  record = json.loads(files.read_text(path))
+  record['heartbeat'] -= 120
+  files.filesystem(path).pipe_file(path, json.dumps(record).encode())
+  return sorted(results)
