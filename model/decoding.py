@@ -87,7 +87,7 @@ class GreedyState(NamedTuple):
   tokens:     [batch, max_length] int32, decoded so far; 0 after EOS.
   done:       [batch] bool, the sequence has produced EOS.
   scores:     [batch] float32, summed log-probabilities of decoded tokens.
-  cache:      per decoder layer (keys, values), [batch, max_length, heads, d_kv].
+  cache:      per decoder layer (keys, values), [batch, heads, max_length, d_kv].
   """
   step: jax.Array
   last_token: jax.Array
@@ -117,7 +117,7 @@ def _decoder_inputs(module: Transformer, variables, encoder_input_tokens,
   """What every decoding step reads: cross-attention keys/values, the
   self-attention bias table and the encoder padding mask."""
   encoded = module.apply(variables, encoder_input_tokens, method='encode')
-  cross = module.apply(variables, encoded, method='precompute_cross_kv')
+  cross = module.apply(variables, encoded, method='step_cross_kv')
   self_bias_table = module.apply(variables, max_length,
                                  method='decoder_self_bias')
   return cross, self_bias_table, encoder_input_tokens > 0

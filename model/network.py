@@ -8,7 +8,7 @@ so that checkpoints of every format map onto one tree. Kernels are 2-D
 The network has three entry points:
 - `Transformer.__call__`: teacher-forced logits for whole target sequences
   (scoring, and the reference for parity tests).
-- `Transformer.encode` + `Transformer.precompute_cross_kv`: run once per batch.
+- `Transformer.encode` + `Transformer.step_cross_kv`: run once per batch.
 - `Transformer.decode_step`: one token per sequence against the caches; the
   decoding loop in `model.decoding` calls it inside `lax.while_loop`.
 """
@@ -230,19 +230,22 @@ class MultiHeadAttention(nn.Module):
                   bias: Array) -> Array:
     """`attend` for one query per sequence (a decoding step).
 
-    query [batch, 1, heads, d_kv]; key, value [batch, k_len, heads, d_kv];
-    bias broadcastable to [batch, k_len, heads]. Returns [batch, 1, d_model].
-    As a batched matmul this is batch * heads tiny matmuls, which XLA's CPU
-    backend runs one by one; multiply-and-reduce in the cache's own layout
-    (no transposes) fuses into a few loops and is several times faster.
+    query [batch, 1, heads, d_kv]; key, value [batch, heads, k_len, d_kv]
+    (the step layout: heads next to batch, as the decoding cache and the
+    cross-attention keys/values are kept); bias broadcastable to
+    [batch, heads, 1, k_len]. Returns [batch, 1, d_model]. In this layout
+    both products are matmuls batched over (batch, heads) with no
+    transposes of the keys or values, which XLA's CPU backend runs at
+    memory speed (4x faster than multiply-and-reduce over 8 layers of
+    128 x 38 cross-attention keys and values).
     """
     dtype = _dtype(self.config.dtype)
-    # [batch, 1, heads, d_kv] * [batch, k_len, heads, d_kv] -> [b, k_len, h]
-    logits = jnp.sum(query * key, axis=-1)
-    weights = jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=1)
-    # [batch, k_len, heads, 1] * [batch, k_len, heads, d_kv] -> [b, h, d_kv]
-    context = jnp.sum(weights.astype(dtype)[..., None] * value, axis=1)
-    context = context.reshape(context.shape[0], 1, -1)
+    query = query.transpose(0, 2, 1, 3)  # [batch, heads, 1, d_kv]
+    logits = jnp.einsum('bhqd,bhkd->bhqk', query, key)
+    weights = jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1)
+    context = jnp.einsum('bhqk,bhkd->bhqd', weights.astype(dtype), value)
+    # [batch, heads, 1, d_kv] -> [batch, 1, heads * d_kv]
+    context = context.transpose(0, 2, 1, 3).reshape(context.shape[0], 1, -1)
     return jnp.dot(context, self.out().astype(dtype))
 
 
@@ -325,17 +328,21 @@ class DecoderLayer(nn.Module):
     """One position per sequence: x [batch, 1, d_model] at `index`.
 
     Writes this position's key and value into the cache and attends over the
-    cache. Biases are in `attend_step`'s layout: self_bias [1, length, heads]
-    (masking the positions not yet written), cross_bias [batch, in_len, 1].
+    cache. Cache and cross keys/values are [batch, heads, length, d_kv];
+    biases are in `attend_step`'s layout: self_bias [1, heads, 1, length]
+    (masking the positions not yet written), cross_bias [batch, 1, 1,
+    in_len].
     """
     h = self.pre_self_attention_layer_norm(x)
     query, key, value = self.self_attention.project_qkv(h)
     cached_key, cached_value = cache
-    start = (0, index, 0, 0)
+    start = (0, 0, index, 0)
+    # [batch, 1, heads, d_kv] -> [batch, heads, 1, d_kv]
     cached_key = jax.lax.dynamic_update_slice(
-        cached_key, key.astype(cached_key.dtype), start)
+        cached_key, key.transpose(0, 2, 1, 3).astype(cached_key.dtype), start)
     cached_value = jax.lax.dynamic_update_slice(
-        cached_value, value.astype(cached_value.dtype), start)
+        cached_value, value.transpose(0, 2, 1, 3).astype(cached_value.dtype),
+        start)
     x = x + self.self_attention.attend_step(query, cached_key, cached_value,
                                             self_bias)
     h = self.pre_cross_attention_layer_norm(x)
@@ -443,8 +450,15 @@ class Transformer(nn.Module):
     return self.encoder(self.token_embedder(encoder_input_tokens), mask)
 
   def precompute_cross_kv(self, encoded: Array) -> List[KeyValue]:
-    """Every decoder layer's cross-attention keys and values, computed once."""
+    """Every decoder layer's cross-attention keys and values, computed once:
+    [batch, in_len, heads, d_kv] each."""
     return self.decoder.cross_kv(encoded)
+
+  def step_cross_kv(self, encoded: Array) -> List[KeyValue]:
+    """`precompute_cross_kv` in the layout decoding steps read:
+    [batch, heads, in_len, d_kv] each."""
+    return [(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+            for k, v in self.decoder.cross_kv(encoded)]
 
   def __call__(self, encoder_input_tokens: Array,
                decoder_input_tokens: Array) -> Array:
@@ -468,17 +482,18 @@ class Transformer(nn.Module):
     """
     x = self.token_embedder(tokens[:, None])  # [batch, 1, d_model]
     heads, length, _ = self_bias_table.shape
-    # [heads, 1, length] -> [1, length, heads]
+    # [heads, 1, length] -> [1, heads, 1, length]
     row = jax.lax.dynamic_slice(self_bias_table, (0, index, 0),
-                                (heads, 1, length)).transpose(1, 2, 0)
-    cross_bias = jnp.where(encoder_mask, 0.0, MASK_VALUE)[:, :, None]
+                                (heads, 1, length))[None]
+    # [batch, in_len] -> [batch, 1, 1, in_len]
+    cross_bias = jnp.where(encoder_mask, 0.0, MASK_VALUE)[:, None, None, :]
     logits, cache = self.decoder.step(x, index, cache, row, cross, cross_bias,
                                       self.token_embedder.table())
     return logits[:, 0, :], cache
 
   def init_cache(self, batch_size: int, length: int) -> List[KeyValue]:
     cfg = self.config
-    shape = (batch_size, length, cfg.num_heads, cfg.d_kv)
+    shape = (batch_size, cfg.num_heads, length, cfg.d_kv)
     dtype = _dtype(cfg.dtype)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
             for _ in range(cfg.num_decoder_layers)]
