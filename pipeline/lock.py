@@ -227,9 +227,11 @@ class Heartbeat:
     while not self._stop.wait(ref.heartbeat_interval):
       try:
         if not heartbeat(ref.output_dir, ref.owner, ref.generation):
-          logging.warning('t5beam: the run lock in %s is no longer this '
-                          "run's", ref.output_dir)
-          return
+          holder = current_holder(ref.output_dir)
+          if holder is not None and holder.owner != ref.owner:
+            logging.warning('t5beam: the run lock in %s was taken over by '
+                            '%s', ref.output_dir, holder.owner)
+          return  # taken over, or released by the job's last step
       except Exception:  # pylint: disable=broad-except
         logging.warning('t5beam: lock heartbeat failed; will retry',
                         exc_info=True)

@@ -84,14 +84,18 @@ def run_inference(config: InferConfig,
                  'to do', config.output_dir)
     return RunResult('already_complete', task_names,
                      wall_seconds=time.time() - started_at)
+  # A job on a remote runner outlives its launcher (killed, interrupted, or
+  # not waiting): its own workers keep the lock alive and its last step
+  # releases it. A local run lives and dies with the launcher's process.
+  remote = _is_dataflow(options)
   owner = lock.new_owner()
   generation = lock.acquire(
       config.output_dir, owner, config.lock_expiry_seconds,
       description=f'{config.mixture_or_task_name} {config.mode}',
-      bound_to_process=config.wait_until_finish)
-  lock_ref = lock.LockRef(config.output_dir, owner, generation,
-                          config.lock_expiry_seconds,
-                          release_at_end=not config.wait_until_finish)
+      bound_to_process=config.wait_until_finish and not remote)
+  lock_ref = lock.LockRef(
+      config.output_dir, owner, generation, config.lock_expiry_seconds,
+      release_at_end=remote or not config.wait_until_finish)
   release = True
   try:
     plan.claim_output_dir(config, task_names)
@@ -111,7 +115,11 @@ def run_inference(config: InferConfig,
         return RunResult('submitted', task_names,
                          wall_seconds=time.time() - started_at,
                          beam_result=beam_result)
-      beam_result.wait_until_finish()
+      try:
+        beam_result.wait_until_finish()
+      except KeyboardInterrupt:
+        release = not remote  # the remote job runs on and holds the lock
+        raise
   finally:
     if release:
       lock.release(config.output_dir, owner, generation)
