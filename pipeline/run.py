@@ -145,7 +145,8 @@ def _dry_run(config: InferConfig, options: PipelineOptions,
       config, task_plans, started_at,
       lock.LockRef(config.output_dir, 'dry-run', 0,
                    config.lock_expiry_seconds,
-                   release_at_end=not config.wait_until_finish))
+                   release_at_end=(_is_dataflow(options) or
+                                   not config.wait_until_finish)))
   # Dataflow's runner honours --dry_run (it stops before staging and
   # submitting); for the others, translating the graph is the check.
   beam_result = (pipeline.run() if _is_dataflow(options) else

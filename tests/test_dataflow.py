@@ -131,7 +131,8 @@ def test_dry_run_builds_the_dataflow_job_offline(
   steps = {name.split('/')[1] for name in report['transforms']
            if name.startswith('T5Inference/')}
   assert {'ListInputShards', 'ReadShards', 'GroupIntoChunks', 'InferChunks',
-          'PlanMerge', 'MergeOutputShards', 'WriteManifest'} <= steps
+          'PlanMerge', 'MergeOutputShards', 'WriteManifest',
+          'ReleaseLock'} <= steps  # the job releases the run lock itself
   # The accelerator and the container reach the job description.
   assert report['service_options'] == [service_option]
   assert report['machine_type'] == machine_type
