@@ -7,12 +7,13 @@ died (its heartbeat stopped for longer than its expiry).
 
 The lock is a file `t5beam-run.lock-{generation}` in the output directory.
 Taking it means creating the next generation's file exclusively (a hard
-link on local disk, `ifGenerationMatch=0` on GCS), so of runs racing for the
-same generation exactly one wins, whether the directory was free or held by a dead
-run. The owner rewrites its file with a fresh `heartbeat` time: the launcher
-from a thread while it waits for the job, and the workers after each chunk,
-so a job submitted without waiting (a Flex Template launch) keeps its lock
-alive. The job's last step removes the file.
+link on local disk, `ifGenerationMatch=0` on GCS), so of runs racing for
+the same generation exactly one wins, whether the directory was free or held
+by a dead run. The owner rewrites its file with a fresh `heartbeat` time:
+the launcher from a thread while it waits for the job, and the workers after
+each chunk, so a job that outlives its launcher (a Flex Template launch, a
+Dataflow job) keeps its lock alive. A local run's launcher removes the file
+at the end; a remote or non-waiting job's last step does.
 """
 
 import dataclasses
@@ -24,7 +25,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from pipeline import files
 from pipeline.plan import PlanError
@@ -135,8 +136,7 @@ def _describe(holder: Holder, now: float) -> str:
 
 def acquire(output_dir: str, owner: str,
             expiry_seconds: float = DEFAULT_EXPIRY_SECONDS,
-            description: str = '', bound_to_process: bool = False,
-            clock: Callable[[], float] = time.time) -> int:
+            description: str = '', bound_to_process: bool = False) -> int:
   """Takes the output directory's lock for `owner`; returns its generation.
 
   Raises LockHeldError while another run's heartbeat is fresher than its
@@ -145,7 +145,7 @@ def acquire(output_dir: str, owner: str,
   """
   files.makedirs(output_dir)
   for _ in range(5):
-    now = clock()
+    now = time.time()
     holder = current_holder(output_dir)
     if holder is not None and holder.owner == owner:
       return holder.generation
@@ -172,17 +172,22 @@ def acquire(output_dir: str, owner: str,
                       'run lock while other runs kept taking it; retry later')
 
 
-def heartbeat(output_dir: str, owner: str, generation: int,
-              clock: Callable[[], float] = time.time) -> bool:
-  """Refreshes `owner`'s lock; False when the lock is no longer `owner`'s."""
-  path = _lock_path(output_dir, generation)
+def _owned_record(path: str, owner: str) -> Optional[dict]:
+  """The lock file's record if it exists and `owner` holds it, else None."""
   try:
     record = json.loads(files.read_text(path))
   except (FileNotFoundError, ValueError):
+    return None
+  return record if record.get('owner') == owner else None
+
+
+def heartbeat(output_dir: str, owner: str, generation: int) -> bool:
+  """Refreshes `owner`'s lock; False when the lock is no longer `owner`'s."""
+  path = _lock_path(output_dir, generation)
+  record = _owned_record(path, owner)
+  if record is None:
     return False
-  if record.get('owner') != owner:
-    return False
-  record['heartbeat'] = clock()
+  record['heartbeat'] = time.time()
   files.write_atomically(path, json.dumps(record, indent=2).encode('utf-8'))
   return True
 
@@ -190,11 +195,7 @@ def heartbeat(output_dir: str, owner: str, generation: int,
 def release(output_dir: str, owner: str, generation: int):
   """Removes `owner`'s lock file (nothing if another run has taken over)."""
   path = _lock_path(output_dir, generation)
-  try:
-    record = json.loads(files.read_text(path))
-  except (FileNotFoundError, ValueError):
-    return
-  if record.get('owner') == owner:
+  if _owned_record(path, owner) is not None:
     files.remove(path)
 
 
@@ -205,7 +206,7 @@ class LockRef:
   owner: str
   generation: int
   expiry_seconds: float
-  # The job's last step removes the lock (when the launcher does not wait).
+  # The job's last step removes the lock (remote or non-waiting runs).
   release_at_end: bool = False
 
   @property

@@ -134,7 +134,6 @@ def num_input_shards(task: seqio.Task, config: InferConfig) -> int:
 
 
 _PLACEHOLDER = re.compile(r'\{([^{}:]*)(?::([^{}]*))?\}')
-PLACEHOLDERS = ('date', 'checkpoint_step')
 
 
 def expand_output_dir(output_dir: str, checkpoint_path: str,

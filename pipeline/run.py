@@ -61,6 +61,15 @@ def _is_dataflow(options: PipelineOptions) -> bool:
   return 'dataflow' in str(runner).lower()
 
 
+def _lock_ref(config: InferConfig, options: PipelineOptions, owner: str,
+              generation: int) -> lock.LockRef:
+  """The run's lock as the job sees it. A job on a remote runner, or one the
+  launcher does not wait for, releases the lock in its own last step."""
+  return lock.LockRef(
+      config.output_dir, owner, generation, config.lock_expiry_seconds,
+      release_at_end=_is_dataflow(options) or not config.wait_until_finish)
+
+
 def run_inference(config: InferConfig,
                   options: Optional[PipelineOptions] = None,
                   on_claimed: Optional[Callable[[InferConfig], None]] = None
@@ -93,9 +102,7 @@ def run_inference(config: InferConfig,
       config.output_dir, owner, config.lock_expiry_seconds,
       description=f'{config.mixture_or_task_name} {config.mode}',
       bound_to_process=config.wait_until_finish and not remote)
-  lock_ref = lock.LockRef(
-      config.output_dir, owner, generation, config.lock_expiry_seconds,
-      release_at_end=remote or not config.wait_until_finish)
+  lock_ref = _lock_ref(config, options, owner, generation)
   release = True
   try:
     plan.claim_output_dir(config, task_names)
@@ -143,10 +150,7 @@ def _dry_run(config: InferConfig, options: PipelineOptions,
   pipeline = beam.Pipeline(options=options)
   _ = pipeline | 'T5Inference' >> transforms.InferAndWrite(
       config, task_plans, started_at,
-      lock.LockRef(config.output_dir, 'dry-run', 0,
-                   config.lock_expiry_seconds,
-                   release_at_end=(_is_dataflow(options) or
-                                   not config.wait_until_finish)))
+      _lock_ref(config, options, 'dry-run', 0))
   # Dataflow's runner honours --dry_run (it stops before staging and
   # submitting); for the others, translating the graph is the check.
   beam_result = (pipeline.run() if _is_dataflow(options) else

@@ -134,19 +134,20 @@ def test_unknown_binding(env, tmp_path):
                  'no_such_setting')
 
 
-def test_unknown_task_lists_the_closest_names(env, tmp_path):
-  assert_refused(*launch_user_gin(
-      env, tmp_path,
-      MIXTURE_OR_TASK_NAME="MIXTURE_OR_TASK_NAME = 't5beam_test_one_fil'"),
-                 "'t5beam_test_one_fil' is not a registered",
-                 't5beam_test_one_file')
-
-
-def test_task_module_that_fails_to_import(env, tmp_path):
-  assert_refused(*launch_user_gin(
-      env, tmp_path,
-      MIXTURE_OR_TASK_MODULE="MIXTURE_OR_TASK_MODULE = 'no_such.tasks'"),
-                 "'no_such.tasks' failed to import", 'ModuleNotFoundError')
+@pytest.mark.parametrize('macro,line,patterns', [
+    # An unknown task: the message lists the closest registered names.
+    ('MIXTURE_OR_TASK_NAME',
+     "MIXTURE_OR_TASK_NAME = 't5beam_test_one_fil'",
+     ("'t5beam_test_one_fil' is not a registered", 't5beam_test_one_file')),
+    ('MIXTURE_OR_TASK_MODULE',
+     "MIXTURE_OR_TASK_MODULE = 'no_such.tasks'",
+     ("'no_such.tasks' failed to import", 'ModuleNotFoundError')),
+    ('TASK_FEATURE_LENGTHS',
+     "TASK_FEATURE_LENGTHS = {'inputs': 24}",
+     ("lacks 'targets'",)),
+])
+def test_bad_task_settings_are_refused(env, tmp_path, macro, line, patterns):
+  assert_refused(*launch_user_gin(env, tmp_path, **{macro: line}), *patterns)
 
 
 @pytest.mark.parametrize('make_path,message', [
@@ -167,13 +168,6 @@ def test_task_vocabulary_that_differs_from_the_models(env, tmp_path):
       '--gin.seqio.PassThroughVocabulary.size=260'),
                  "vocabulary of task 't5beam_test_one_file'",
                  'PassThroughVocabulary')
-
-
-def test_feature_lengths_missing_targets(env, tmp_path):
-  assert_refused(*launch_user_gin(
-      env, tmp_path,
-      TASK_FEATURE_LENGTHS="TASK_FEATURE_LENGTHS = {'inputs': 24}"),
-                 "lacks 'targets'")
 
 
 def test_output_dir_holding_a_different_run(env, tmp_path):
