@@ -67,10 +67,7 @@ def assert_refused(status, stderr, output_dir, *patterns):
 
 
 def test_user_gin_file_runs_and_writes_t5x_style_outputs(env, tmp_path):
-  gin_file = write_gin(tmp_path, user_gin(env))
-  output = tmp_path / 'out'
-  status, stderr = launch([f'--gin_file={gin_file}',
-                           f'--gin.INFER_OUTPUT_DIR="{output}"'])
+  status, stderr, output = launch_user_gin(env, tmp_path)
   assert status == 0, stderr
   records = helpers.read_records(
       output / 't5beam_test_one_file-predict.jsonl-00000-of-00001')
@@ -86,12 +83,10 @@ def test_user_gin_file_runs_and_writes_t5x_style_outputs(env, tmp_path):
 
 
 def test_gin_overrides_reach_the_run(env, tmp_path):
-  gin_file = write_gin(tmp_path, user_gin(env))
-  output = tmp_path / 'out'
-  status, stderr = launch([
-      f'--gin_file={gin_file}', f'--gin.INFER_OUTPUT_DIR="{output}"',
+  status, stderr, output = launch_user_gin(
+      env, tmp_path,
       '--gin.infer.num_output_shards=2', '--gin.infer.output_ids=True',
-      "--gin_bindings=DatasetConfig.split = 'test'"])
+      "--gin_bindings=DatasetConfig.split = 'test'")
   assert status == 0, stderr
   first = helpers.read_records(
       output / 't5beam_test_one_file-predict.jsonl-00000-of-00002')
@@ -262,13 +257,11 @@ TASK_FEATURE_LENGTHS = {{'inputs': 38, 'targets': 18}}
 
 
 def test_decoding_gin_names_reach_the_run(env, tmp_path):
-  gin_file = write_gin(tmp_path, user_gin(env))
-  output = tmp_path / 'out'
-  status, stderr = launch([
-      f'--gin_file={gin_file}', f'--gin.INFER_OUTPUT_DIR="{output}"',
+  status, stderr, output = launch_user_gin(
+      env, tmp_path,
       '--gin.infer.decode_fn=@decoding.beam_search',
       '--gin.infer.num_decodes=3', '--gin.decoding.beam_search.alpha=0.0',
-      "--gin.infer.mode='predict_with_aux'"])
+      "--gin.infer.mode='predict_with_aux'")
   assert status == 0, stderr
   manifest = json.loads((output / 't5beam_test_one_file-predict_with_aux'
                          '.manifest.json').read_text())
@@ -282,16 +275,14 @@ def test_decoding_gin_names_reach_the_run(env, tmp_path):
 
 
 def test_sampling_settings_reach_the_run(env, tmp_path):
-  gin_file = write_gin(tmp_path, user_gin(env))
-  output = tmp_path / 'out'
-  status, stderr = launch([
-      f'--gin_file={gin_file}', f'--gin.INFER_OUTPUT_DIR="{output}"',
+  status, stderr, output = launch_user_gin(
+      env, tmp_path,
       '--gin.infer.decode_fn=@decoding.temperature_sample',
       '--gin.decoding.temperature_sample.topk=0',
       '--gin.decoding.temperature_sample.topp=0.9',
       '--gin.decoding.temperature_sample.temperature=0.7',
       '--gin.decoding.temperature_sample.max_decode_steps=3',
-      '--gin.infer.num_decodes=2', '--gin.infer.return_all_decodes=True'])
+      '--gin.infer.num_decodes=2', '--gin.infer.return_all_decodes=True')
   assert status == 0, stderr
   records = helpers.read_records(
       output / 't5beam_test_one_file-predict.jsonl-00000-of-00001')
