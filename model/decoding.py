@@ -113,10 +113,15 @@ def first_argmax(logits: jax.Array) -> jax.Array:
 
 
 def _decoder_inputs(module: Transformer, variables, encoder_input_tokens,
-                    max_length: int):
+                    max_length: int, copies: int = 1):
   """What every decoding step reads: cross-attention keys/values, the
-  self-attention bias table and the encoder padding mask."""
+  self-attention bias table and the encoder padding mask, with each example
+  repeated `copies` times (samples or beams). The encoder runs once per
+  example, not once per copy."""
   encoded = module.apply(variables, encoder_input_tokens, method='encode')
+  if copies > 1:
+    encoded = jnp.repeat(encoded, copies, axis=0)
+    encoder_input_tokens = jnp.repeat(encoder_input_tokens, copies, axis=0)
   cross = module.apply(variables, encoded, method='step_cross_kv')
   self_bias_table = module.apply(variables, max_length,
                                  method='decoder_self_bias')
@@ -125,18 +130,20 @@ def _decoder_inputs(module: Transformer, variables, encoder_input_tokens,
 
 def _decode_loop(module: Transformer, variables, encoder_input_tokens,
                  max_length: int, eos_id: Optional[int], pick,
-                 max_steps: Optional[int] = None):
+                 max_steps: Optional[int] = None, copies: int = 1):
   """The cached decoding loop shared by greedy decoding and sampling.
 
   pick(logits [batch, vocab] float32, step) -> (token [batch] int32,
   token score [batch] float32). Returns (tokens [batch, max_length], summed
   scores [batch]); 0 after each EOS; stops when all sequences have ended or
-  after `max_steps` (default max_length) tokens.
+  after `max_steps` (default max_length) tokens. With `copies`, each example
+  is decoded that many times, its copies consecutive (batch is then
+  examples * copies).
   """
   cfg = module.config
-  batch_size = encoder_input_tokens.shape[0]
+  batch_size = encoder_input_tokens.shape[0] * copies
   cross, self_bias_table, encoder_mask = _decoder_inputs(
-      module, variables, encoder_input_tokens, max_length)
+      module, variables, encoder_input_tokens, max_length, copies)
   steps = max_length if max_steps is None else min(max_steps, max_length)
 
   def should_continue(state: GreedyState):
@@ -232,7 +239,6 @@ def temperature_sample(module: Transformer, variables,
     raise ValueError(f'temperature_sample: only one of topk ({topk}) and '
                      f'topp ({topp}) may be non-zero')
   batch_size = encoder_input_tokens.shape[0]
-  expanded = jnp.repeat(encoder_input_tokens, num_decodes, axis=0)
 
   def pick(logits, step):
     if temperature == 0:
@@ -245,8 +251,9 @@ def temperature_sample(module: Transformer, variables,
                                      log_probs).astype(jnp.int32)
     return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
 
-  tokens, scores = _decode_loop(module, variables, expanded, max_length,
-                                eos_id, pick, max_steps)
+  tokens, scores = _decode_loop(module, variables, encoder_input_tokens,
+                                max_length, eos_id, pick, max_steps,
+                                copies=num_decodes)
   tokens = tokens.reshape(batch_size, num_decodes, max_length)
   scores = scores.reshape(batch_size, num_decodes)
   order = jnp.argsort(scores, axis=-1)
@@ -292,9 +299,8 @@ def beam_search(module: Transformer, variables,
   cfg = module.config
   k = num_decodes
   batch_size = encoder_input_tokens.shape[0]
-  expanded = jnp.repeat(encoder_input_tokens, k, axis=0)
   cross, self_bias_table, encoder_mask = _decoder_inputs(
-      module, variables, expanded, max_length)
+      module, variables, encoder_input_tokens, max_length, copies=k)
   steps = max_length if max_steps is None else min(max_steps, max_length)
   neg_inf = jnp.array(-1e9, jnp.float32)  # finite: keeps the math NaN-free
 
