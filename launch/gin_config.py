@@ -117,6 +117,7 @@ def infer(*,  # pylint: disable=invalid-name
           return_all_decodes: bool = False,
           seed: int = 0,
           lock_expiry_seconds: float = 900.0,
+          lock_startup_seconds: float = 3600.0,
           wait_until_finish: bool = True) -> InferConfig:
   """Collects the run's settings (bound by runs/infer.gin) into InferConfig."""
   spec = model if isinstance(model, ModelSpec) else ModelSpec(None, None)
@@ -163,6 +164,7 @@ def infer(*,  # pylint: disable=invalid-name
       decoding=decoding,
       seed=seed,
       lock_expiry_seconds=lock_expiry_seconds,
+      lock_startup_seconds=lock_startup_seconds,
       wait_until_finish=wait_until_finish)
 
 

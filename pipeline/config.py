@@ -57,6 +57,11 @@ class InferConfig:
   # A live run holds the output directory's lock (pipeline.lock); a lock
   # whose heartbeat is older than this is a dead run's, and is taken over.
   lock_expiry_seconds: float = 900.0
+  # A job that outlives its launcher (Dataflow, or not waited for) keeps its
+  # lock this long after submission before any worker has heartbeated:
+  # starting VMs, pulling the image and loading the model can take longer
+  # than lock_expiry_seconds, and the directory must not look free then.
+  lock_startup_seconds: float = 3600.0
   # False: submit the job and return (a Flex Template launch); the job then
   # keeps the lock alive from its workers and releases it at its end.
   wait_until_finish: bool = True
@@ -71,9 +76,10 @@ class InferConfig:
     if self.num_input_shards is not None and self.num_input_shards < 1:
       raise ValueError('num_input_shards must be at least 1, got '
                        f'{self.num_input_shards}')
-    if self.lock_expiry_seconds <= 0:
-      raise ValueError('infer.lock_expiry_seconds must be positive, got '
-                       f'{self.lock_expiry_seconds}')
+    for name in ('lock_expiry_seconds', 'lock_startup_seconds'):
+      if getattr(self, name) <= 0:
+        raise ValueError(f'infer.{name} must be positive, got '
+                         f'{getattr(self, name)}')
     if self.include_all_inputs and self.input_fields_to_include is not None:
       raise ValueError('infer.include_all_inputs and '
                        'infer.input_fields_to_include cannot both be set; '

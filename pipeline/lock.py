@@ -181,13 +181,17 @@ def _owned_record(path: str, owner: str) -> Optional[dict]:
   return record if record.get('owner') == owner else None
 
 
-def heartbeat(output_dir: str, owner: str, generation: int) -> bool:
-  """Refreshes `owner`'s lock; False when the lock is no longer `owner`'s."""
+def heartbeat(output_dir: str, owner: str, generation: int,
+              expiry_seconds: Optional[float] = None) -> bool:
+  """Refreshes `owner`'s lock, and sets its expiry if given; False when the
+  lock is no longer `owner`'s."""
   path = _lock_path(output_dir, generation)
   record = _owned_record(path, owner)
   if record is None:
     return False
   record['heartbeat'] = time.time()
+  if expiry_seconds is not None:
+    record['expiry_seconds'] = expiry_seconds
   files.write_atomically(path, json.dumps(record, indent=2).encode('utf-8'))
   return True
 
@@ -208,6 +212,16 @@ class LockRef:
   expiry_seconds: float
   # The job's last step removes the lock (remote or non-waiting runs).
   release_at_end: bool = False
+  # Such a job's lock expires this long after its launcher's last heartbeat
+  # until a worker heartbeats (VMs, image and model can be slow to start).
+  startup_seconds: float = 0.0
+
+  @property
+  def startup_expiry_seconds(self) -> float:
+    """The expiry written when the lock is taken."""
+    if not self.release_at_end:
+      return self.expiry_seconds
+    return max(self.expiry_seconds, self.startup_seconds)
 
   @property
   def heartbeat_interval(self) -> float:
@@ -251,7 +265,9 @@ _last_beats: Dict[Tuple[str, str, int], float] = {}
 
 def worker_heartbeat(ref: Optional[LockRef]):
   """Called by workers as they finish work; refreshes at most once per
-  heartbeat interval per process."""
+  heartbeat interval per process. The first worker heartbeat also ends the
+  job's start-up expiry (`startup_expiry_seconds`): from then on the lock
+  expires `ref.expiry_seconds` after the last heartbeat."""
   if ref is None:
     return
   key = (ref.output_dir, ref.owner, ref.generation)
@@ -260,6 +276,6 @@ def worker_heartbeat(ref: Optional[LockRef]):
     return
   _last_beats[key] = now
   try:
-    heartbeat(ref.output_dir, ref.owner, ref.generation)
+    heartbeat(ref.output_dir, ref.owner, ref.generation, ref.expiry_seconds)
   except Exception:  # pylint: disable=broad-except
     logging.warning('t5beam: lock heartbeat failed', exc_info=True)

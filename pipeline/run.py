@@ -67,7 +67,8 @@ def _lock_ref(config: InferConfig, options: PipelineOptions, owner: str,
   launcher does not wait for, releases the lock in its own last step."""
   return lock.LockRef(
       config.output_dir, owner, generation, config.lock_expiry_seconds,
-      release_at_end=_is_dataflow(options) or not config.wait_until_finish)
+      release_at_end=_is_dataflow(options) or not config.wait_until_finish,
+      startup_seconds=config.lock_startup_seconds)
 
 
 def run_inference(config: InferConfig,
@@ -97,12 +98,16 @@ def run_inference(config: InferConfig,
   # not waiting): its own workers keep the lock alive and its last step
   # releases it. A local run lives and dies with the launcher's process.
   remote = _is_dataflow(options)
-  owner = lock.new_owner()
+  lock_ref = _lock_ref(config, options, lock.new_owner(), generation=0)
+  # Until its first worker heartbeats, a job that outlives the launcher keeps
+  # the lock for lock_startup_seconds (the launcher's heartbeats keep the
+  # expiry that the lock was taken with).
   generation = lock.acquire(
-      config.output_dir, owner, config.lock_expiry_seconds,
+      config.output_dir, lock_ref.owner, lock_ref.startup_expiry_seconds,
       description=f'{config.mixture_or_task_name} {config.mode}',
       bound_to_process=config.wait_until_finish and not remote)
-  lock_ref = _lock_ref(config, options, owner, generation)
+  lock_ref = dataclasses.replace(lock_ref, generation=generation)
+  owner = lock_ref.owner
   release = True
   try:
     plan.claim_output_dir(config, task_names)

@@ -1,6 +1,7 @@
 """What a scheduler relies on: output-directory placeholders, the newest
 checkpoint, a fast no-op rerun, and one live run per output directory."""
 
+import dataclasses
 import datetime
 import json
 import os
@@ -200,10 +201,42 @@ def test_heartbeats_keep_the_lock_alive_and_the_job_releases_it(env, tmp_path):
       task_feature_lengths={'inputs': 24, 'targets': 8},
       checkpoint_path=env['checkpoint'], output_dir=str(tmp_path / 'job'),
       mixture_or_task_module='tests.tasks', batch_size=4,
-      wait_until_finish=False)
-  result = run.run_inference(config, PipelineOptions(['--runner=FnApiRunner']))
+      wait_until_finish=False, lock_startup_seconds=1234)
+  expiry_when_claimed = []
+  result = run.run_inference(
+      config, PipelineOptions(['--runner=FnApiRunner']),
+      on_claimed=lambda c: expiry_when_claimed.append(
+          lock.current_holder(c.output_dir).expiry_seconds))
   assert result.status == 'submitted'
+  # The job, not the launcher, will keep the lock: it is taken with the
+  # start-up expiry.
+  assert expiry_when_claimed == [1234]
   result.beam_result.wait_until_finish()
   assert lock_files(tmp_path / 'job') == []
   assert (tmp_path / 'job' / 't5beam_test_two_files-predict.manifest.json'
           ).exists()
+
+
+def test_a_job_keeps_its_lock_through_startup_until_a_worker_heartbeats(
+    tmp_path):
+  from pipeline import lock  # pylint: disable=g-import-not-at-top
+  output = str(tmp_path / 'out')
+  ref = lock.LockRef(output, 'launcher:1:x', 0, expiry_seconds=1.5,
+                     release_at_end=True, startup_seconds=30)
+  generation = lock.acquire(output, ref.owner, ref.startup_expiry_seconds)
+  ref = dataclasses.replace(ref, generation=generation)
+  with lock.Heartbeat(ref):  # the launcher, until it returns
+    time.sleep(0.8)
+  assert lock.current_holder(output).expiry_seconds == 30
+  # Longer than the normal expiry without a heartbeat (workers still
+  # starting): the directory is still in use.
+  time.sleep(2.0)
+  with pytest.raises(lock.LockHeldError):
+    lock.acquire(output, 'other:2:y', expiry_seconds=1.5)
+  # A worker's first heartbeat ends the start-up period...
+  lock.worker_heartbeat(ref)
+  assert lock.current_holder(output).expiry_seconds == 1.5
+  # ...so a job that then dies frees the directory after the normal expiry.
+  time.sleep(2.0)
+  assert lock.acquire(output, 'other:2:y', expiry_seconds=1.5) == (
+      generation + 1)
