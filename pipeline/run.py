@@ -94,20 +94,18 @@ def run_inference(config: InferConfig,
                  'to do', config.output_dir)
     return RunResult('already_complete', task_names,
                      wall_seconds=time.time() - started_at)
-  # A job on a remote runner outlives its launcher (killed, interrupted, or
-  # not waiting): its own workers keep the lock alive and its last step
-  # releases it. A local run lives and dies with the launcher's process.
-  remote = _is_dataflow(options)
+  # A job on a remote runner, or one the launcher does not wait for,
+  # outlives its launcher (killed, interrupted, or returned): its workers
+  # keep the lock alive and its last step releases it, and until its first
+  # worker heartbeats the lock lasts lock_startup_seconds. A local waited-for
+  # run lives and dies with the launcher's process.
   lock_ref = _lock_ref(config, options, lock.new_owner(), generation=0)
-  # Until its first worker heartbeats, a job that outlives the launcher keeps
-  # the lock for lock_startup_seconds (the launcher's heartbeats keep the
-  # expiry that the lock was taken with).
+  job_holds_lock = lock_ref.release_at_end
   generation = lock.acquire(
       config.output_dir, lock_ref.owner, lock_ref.startup_expiry_seconds,
       description=f'{config.mixture_or_task_name} {config.mode}',
-      bound_to_process=config.wait_until_finish and not remote)
+      bound_to_process=not job_holds_lock)
   lock_ref = dataclasses.replace(lock_ref, generation=generation)
-  owner = lock_ref.owner
   release = True
   try:
     plan.claim_output_dir(config, task_names)
@@ -130,11 +128,11 @@ def run_inference(config: InferConfig,
       try:
         beam_result.wait_until_finish()
       except KeyboardInterrupt:
-        release = not remote  # the remote job runs on and holds the lock
+        release = not job_holds_lock  # a remote job runs on and holds it
         raise
   finally:
     if release:
-      lock.release(config.output_dir, owner, generation)
+      lock.release(config.output_dir, lock_ref.owner, generation)
   counters = {}
   for counter in beam_result.metrics().query()['counters']:
     if counter.key.metric.namespace == transforms.NAMESPACE:

@@ -5,6 +5,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -96,7 +97,7 @@ def test_bad_placeholders_are_refused(env, tmp_path, output, message):
        f'--gin.INFER_OUTPUT_DIR="{tmp_path / output}"'])
   assert status == 2
   (line,) = [l for l in stderr.splitlines() if l.startswith('t5beam: error')]
-  assert __import__('re').search(message, line), line
+  assert re.search(message, line), line
   assert not os.path.exists(tmp_path / 'out')
 
 
