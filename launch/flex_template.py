@@ -30,8 +30,9 @@ PARAMETERS = {
     'task_feature_lengths': 'TASK_FEATURE_LENGTHS',
     'output_dir': 'INFER_OUTPUT_DIR',
     'wait_until_finish': 'infer.wait_until_finish',
+    'lock_startup_seconds': 'infer.lock_startup_seconds',
 }
-LITERAL = ('task_feature_lengths', 'wait_until_finish')
+LITERAL = ('task_feature_lengths', 'wait_until_finish', 'lock_startup_seconds')
 # Parameters that are not single bindings.
 GIN_FILES = ('gin_file', 'model_gin')
 OVERRIDES = 'gin_overrides'

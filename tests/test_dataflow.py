@@ -174,7 +174,7 @@ def test_worker_images_use_the_pinned_beam_and_jax(name, jax_extra):
 
 
 def test_flex_template_parameters_launch_a_scheduled_run(tmp_path):
-  from launch import flex_template  # pylint: disable=g-import-not-at-top
+  from launch import flex_template, infer  # pylint: disable=g-import-not-at-top
   with open(os.path.join(DATAFLOW, 'flex', 'metadata.json')) as f:
     metadata = json.load(f)
   names = {p['name'] for p in metadata['parameters']}
@@ -205,8 +205,16 @@ def test_flex_template_parameters_launch_a_scheduled_run(tmp_path):
       'gin_overrides': ("RestoreCheckpointConfig.dtype = 'float32'; "
                         'DatasetConfig.batch_size = 50; '
                         'infer.num_output_shards = 2'),
+      'lock_startup_seconds': '1800',
   }
   argv = [f'--{k}={v}' for k, v in values.items()] + ['--runner=FnApiRunner']
+  # Every parameter reaches the run's configuration.
+  config, _, _, _ = infer.prepare(flex_template.to_launch_argv(argv))
+  assert config.checkpoint_path == str(train / 'checkpoint_4000')
+  assert config.task_feature_lengths == {'inputs': 16, 'targets': 8}
+  assert config.batch_size == 50 and config.num_output_shards == 2
+  assert config.lock_startup_seconds == 1800.0
+  assert config.wait_until_finish is False
   today = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')
   status = flex_template.main(argv)
   assert status == 0
