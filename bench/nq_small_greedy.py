@@ -6,8 +6,9 @@ tokens, exactly 18 decoded tokens each (EOS suppressed), float32, greedy.
 Both sides run in this process on the same threads, alternating for
 --rounds rounds; the first ratio printed is best round over best round.
 Then --paired_passes passes time every batch on both sides back to back and
-print the median of those per-batch ratios, which a noisy neighbour moves
-far less than whole rounds. Not a test: run it by hand.
+print the median of those per-batch ratios with their spread. On a shared
+machine both figures move between runs (at batch 128, 1.40-1.64x and
+1.49-1.64x here): compare several runs. Not a test: run it by hand.
 
     .venv/bin/python bench/nq_small_greedy.py [--examples 1024] [--batch_sizes 32,128]
 """
@@ -67,7 +68,7 @@ def paired_ratios(model, hf_model, inputs, batch_size, passes):
   order alternating), for every batch of `passes` passes over the inputs.
 
   A neighbour's load that comes and goes over seconds lands on both sides
-  of a pair alike, so these ratios scatter far less than whole rounds do.
+  of a pair alike; a best round, by contrast, can be one lucky stretch.
   """
   ratios, ours_seconds, theirs_seconds = [], [], []
   for _ in range(passes):
