@@ -124,18 +124,20 @@ class InferenceModel:
                         halve: bool) -> Tuple[np.ndarray, np.ndarray]:
     """decode(encoder_input_tokens) as numpy, in two concurrent halves when
     that is on and the batch is big and even (one compiled shape)."""
+    def decode_to_numpy(tokens):
+      return tuple(np.asarray(x) for x in decode(tokens))
+
     size = encoder_input_tokens.shape[0]
     if not (halve and self.concurrent_halves and size % 2 == 0 and
             size >= _MIN_EXAMPLES_TO_HALVE):
-      return tuple(np.asarray(x) for x in decode(encoder_input_tokens))
+      return decode_to_numpy(encoder_input_tokens)
     if self._halves_pool is None:
       self._halves_pool = concurrent.futures.ThreadPoolExecutor(
           2, thread_name_prefix='t5beam-decode')
     # Each thread waits for its own result, so the two XLA executions run
     # side by side (JAX releases the GIL while waiting).
-    halves = self._halves_pool.map(
-        lambda part: tuple(np.asarray(x) for x in decode(part)),
-        np.split(encoder_input_tokens, 2))
+    halves = self._halves_pool.map(decode_to_numpy,
+                                   np.split(encoder_input_tokens, 2))
     first, second = list(halves)
     return tuple(np.concatenate(pair) for pair in zip(first, second))
 
