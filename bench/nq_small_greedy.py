@@ -1,14 +1,19 @@
-"""Benchmark "nq-small-greedy": the model core against transformers' generate.
+"""Benchmark "nq-small-greedy": the model core against transformers and
+CTranslate2.
 
 T5 1.1 small (d_model 512, 6 heads, d_kv 64, d_ff 1024, 8+8 layers, vocab
-32128), random weights shared by both sides, 1024 examples of 38 input
+32128), random weights shared by every side, 1024 examples of 38 input
 tokens, exactly 18 decoded tokens each (EOS suppressed), float32, greedy.
-Both sides run in this process on the same threads, alternating for
---rounds rounds; the first ratio printed is best round over best round.
-Then --paired_passes passes time every batch on both sides back to back and
+The baselines are transformers' `generate` (KV cache) and, when the
+`ctranslate2` package is installed (`pip install -r bench/requirements.txt`),
+CTranslate2's float32 `translate_batch` on the same weights, converted
+here. Every side runs in this process on the same threads, alternating for
+--rounds rounds; the first ratios printed are best round over best round.
+Then --paired_passes passes time every batch on every side back to back and
 print the median of those per-batch ratios with their spread. On a shared
-machine both figures move between runs (at batch 128, 1.40-1.64x and
-1.49-1.64x here): compare several runs. Not a test: run it by hand.
+machine both figures move between runs (against transformers at batch 128,
+1.40-1.98x and 1.39-1.80x here): compare several runs. Not a test: run it
+by hand.
 
     .venv/bin/python bench/nq_small_greedy.py [--examples 1024] [--batch_sizes 32,128]
 """
@@ -16,6 +21,7 @@ machine both figures move between runs (at batch 128, 1.40-1.64x and
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,6 +38,7 @@ DECODE_LENGTH = 18
 # Matmul FLOPs of one example: encoder, cross-attention keys/values, and 18
 # decoder steps including the 32128-way output layer.
 GFLOP_PER_EXAMPLE = 3.09
+OURS = 't5beam'
 
 
 def ours_batch(model, batch):
@@ -49,6 +56,58 @@ def theirs_batch(hf_model, batch):
   return out[:, 1:].numpy()
 
 
+class _IdVocabulary:
+  """What CTranslate2's T5 converter reads from a tokenizer, for a model
+  fed token ids: id i is the token string `t{i}` (0, 1, 2 are T5's pad,
+  EOS and unknown)."""
+  pad_token, eos_token, unk_token = '<pad>', '</s>', '<unk>'
+
+  def __init__(self, size):
+    self.tokens = ['<pad>', '</s>', '<unk>'] + [f't{i}' for i in range(3, size)]
+    self.ids = {token: i for i, token in enumerate(self.tokens)}
+
+  def get_vocab(self):
+    return dict(self.ids)
+
+  def convert_ids_to_tokens(self, token_id):
+    return self.tokens[token_id]
+
+
+def ctranslate2_decoder(hf_model, config, directory):
+  """decode(batch) -> tokens with CTranslate2 (float32, 2 threads) on the
+  reference's weights, or None when ctranslate2 is not installed."""
+  try:
+    import ctranslate2  # pylint: disable=g-import-not-at-top
+    from ctranslate2.converters import transformers as converters  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  vocabulary = _IdVocabulary(config.vocab_size)
+  # transformers 5 reports tie_word_embeddings=True for every T5 (the
+  # reference unties lm_head itself); the converter reads the flag to scale
+  # the output layer, so give it the truth while converting.
+  tied = hf_model.config.tie_word_embeddings
+  hf_model.config.tie_word_embeddings = config.logits_via_embedding
+  try:
+    spec = converters.T5Loader()(hf_model, vocabulary)
+  finally:
+    hf_model.config.tie_word_embeddings = tied
+  spec.validate()
+  spec.optimize(quantization=None)
+  spec.save(directory)
+  translator = ctranslate2.Translator(
+      directory, device='cpu', compute_type='float32',
+      intra_threads=torch.get_num_threads(), inter_threads=1)
+
+  def decode(batch):
+    results = translator.translate_batch(
+        [[vocabulary.tokens[i] for i in row] for row in batch],
+        beam_size=1, max_decoding_length=DECODE_LENGTH,
+        min_decoding_length=DECODE_LENGTH, max_batch_size=len(batch))
+    return np.array([[vocabulary.ids[t] for t in r.hypotheses[0]]
+                     for r in results])
+  return decode
+
+
 def time_side(decode, inputs, batch_size):
   """(examples/s over all batches after the first, seconds of the first,
   the decoded tokens) for decode(batch) -> tokens."""
@@ -63,29 +122,30 @@ def time_side(decode, inputs, batch_size):
           np.concatenate(outputs))
 
 
-def paired_ratios(model, hf_model, inputs, batch_size, passes):
-  """Their seconds over ours for the same batch, timed back to back (the
-  order alternating), for every batch of `passes` passes over the inputs.
+def paired_ratios(sides, inputs, batch_size, passes):
+  """For every baseline, its seconds over ours for the same batch, all
+  sides timed back to back (the order rotating from batch to batch), for
+  every batch of `passes` passes over the inputs. Returns (ratios by
+  baseline, median batch examples/s by side).
 
-  A neighbour's load that comes and goes over seconds lands on both sides
-  of a pair alike; a best round, by contrast, can be one lucky stretch.
+  A neighbour's load that comes and goes over seconds lands on every side
+  of a batch alike; a best round, by contrast, can be one lucky stretch.
   """
-  ratios, ours_seconds, theirs_seconds = [], [], []
+  names = list(sides)
+  seconds = {name: [] for name in names}
   for _ in range(passes):
     for index, begin in enumerate(range(0, len(inputs), batch_size)):
       batch = inputs[begin:begin + batch_size]
-      sides = [('ours', lambda b=batch: ours_batch(model, b)),
-               ('theirs', lambda b=batch: theirs_batch(hf_model, b))]
-      seconds = {}
-      for name, decode in (sides if index % 2 == 0 else sides[::-1]):
+      shift = index % len(names)
+      for name in names[shift:] + names[:shift]:
         start = time.perf_counter()
-        decode()
-        seconds[name] = time.perf_counter() - start
-      ratios.append(seconds['theirs'] / seconds['ours'])
-      ours_seconds.append(seconds['ours'])
-      theirs_seconds.append(seconds['theirs'])
-  return (np.array(ratios), batch_size / np.median(ours_seconds),
-          batch_size / np.median(theirs_seconds))
+        sides[name](batch)
+        seconds[name].append(time.perf_counter() - start)
+  ours = np.array(seconds[OURS])
+  ratios = {name: np.array(seconds[name]) / ours
+            for name in names if name != OURS}
+  rates = {name: batch_size / np.median(seconds[name]) for name in names}
+  return ratios, rates
 
 
 def main():
@@ -94,6 +154,7 @@ def main():
   parser.add_argument('--batch_sizes', default='32,128')
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--skip_transformers', action='store_true')
+  parser.add_argument('--skip_ctranslate2', action='store_true')
   parser.add_argument('--paired_passes', type=int, default=2,
                       help='passes of batch-by-batch paired timing (0: none)')
   args = parser.parse_args()
@@ -103,6 +164,17 @@ def main():
   tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
   params = checkpoints.params_from_huggingface(config, tensors)
   model = InferenceModel(config, params)
+  sides = {OURS: lambda b: ours_batch(model, b)}
+  if not args.skip_transformers:
+    sides['transformers'] = lambda b: theirs_batch(hf_model, b)
+  converted = tempfile.TemporaryDirectory(prefix='t5beam-bench-ct2-')
+  if not args.skip_ctranslate2:
+    ct2 = ctranslate2_decoder(hf_model, config, converted.name)
+    if ct2 is None:
+      print('ctranslate2 is not installed, so it is left out: '
+            '.venv/bin/pip install -r bench/requirements.txt')
+    else:
+      sides['ctranslate2'] = ct2
   rng = np.random.default_rng(0)
   inputs = rng.integers(2, config.vocab_size,
                         size=(args.examples, INPUT_LENGTH)).astype(np.int32)
@@ -110,37 +182,39 @@ def main():
         f'tokens, {DECODE_LENGTH} decoded, float32; torch threads '
         f'{torch.get_num_threads()}, cpus {os.cpu_count()}')
   for batch_size in [int(b) for b in args.batch_sizes.split(',')]:
-    # Alternate the two sides so a noisy neighbour hits both alike; report
-    # each side's best round.
-    ours_rounds, theirs_rounds, agree = [], [], None
+    # Alternate the sides so a noisy neighbour hits all alike; report each
+    # side's best round.
+    rounds = {name: [] for name in sides}
+    tokens, first_seconds = {}, None
     for _ in range(args.rounds):
-      ours, first_seconds, our_tokens = time_side(
-          lambda b: ours_batch(model, b), inputs, batch_size)
-      ours_rounds.append(ours)
-      if not args.skip_transformers:
-        theirs, _, their_tokens = time_side(
-            lambda b: theirs_batch(hf_model, b), inputs, batch_size)
-        theirs_rounds.append(theirs)
-        agree = (our_tokens == their_tokens).all(axis=1).mean()
-    ours = max(ours_rounds)
-    line = (f'batch {batch_size:4d}: t5beam {ours:6.1f} ex/s '
-            f'({ours * GFLOP_PER_EXAMPLE:.0f} GFLOP/s; rounds '
-            f'{", ".join(f"{r:.1f}" for r in ours_rounds)}; first batch incl. '
-            f'compile {first_seconds:.1f} s)')
-    if theirs_rounds:
-      theirs = max(theirs_rounds)
-      line += (f'\n            transformers {theirs:6.1f} ex/s (rounds '
-               f'{", ".join(f"{r:.1f}" for r in theirs_rounds)})  ratio '
-               f'{ours / theirs:.2f}x  identical decodes: {agree:.1%}')
-    print(line, flush=True)
-    if theirs_rounds and args.paired_passes:
-      ratios, ours_paired, theirs_paired = paired_ratios(
-          model, hf_model, inputs, batch_size, args.paired_passes)
-      low, median, high = np.percentile(ratios, [10, 50, 90])
-      print(f'            paired by batch ({len(ratios)} pairs): ratio median '
-            f'{median:.2f}x (10th-90th percentile {low:.2f}-{high:.2f}x); '
-            f'median batch {ours_paired:.1f} vs {theirs_paired:.1f} ex/s',
-            flush=True)
+      for name, decode in sides.items():
+        rate, first, tokens[name] = time_side(decode, inputs, batch_size)
+        rounds[name].append(rate)
+        if name == OURS:
+          first_seconds = first
+    ours = max(rounds[OURS])
+    print(f'batch {batch_size:4d}: {OURS} {ours:6.1f} ex/s '
+          f'({ours * GFLOP_PER_EXAMPLE:.0f} GFLOP/s; rounds '
+          f'{", ".join(f"{r:.1f}" for r in rounds[OURS])}; first batch incl. '
+          f'compile {first_seconds:.1f} s)')
+    for name in sides:
+      if name == OURS:
+        continue
+      best = max(rounds[name])
+      agree = (tokens[OURS] == tokens[name]).all(axis=1).mean()
+      print(f'            {name} {best:6.1f} ex/s (rounds '
+            f'{", ".join(f"{r:.1f}" for r in rounds[name])})  ratio '
+            f'{ours / best:.2f}x  identical decodes: {agree:.1%}')
+    if len(sides) > 1 and args.paired_passes:
+      ratios, rates = paired_ratios(sides, inputs, batch_size,
+                                    args.paired_passes)
+      for name, by_batch in ratios.items():
+        low, median, high = np.percentile(by_batch, [10, 50, 90])
+        print(f'            paired with {name} by batch ({len(by_batch)} '
+              f'batches): ratio median {median:.2f}x (10th-90th percentile '
+              f'{low:.2f}-{high:.2f}x); median batch {rates[OURS]:.1f} vs '
+              f'{rates[name]:.1f} ex/s', flush=True)
+  converted.cleanup()
 
 
 if __name__ == '__main__':
