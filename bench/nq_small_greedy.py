@@ -73,9 +73,11 @@ class _IdVocabulary:
     return self.tokens[token_id]
 
 
-def ctranslate2_decoder(hf_model, config, directory):
+def ctranslate2_decoder(hf_model, config):
   """decode(batch) -> tokens with CTranslate2 (float32, 2 threads) on the
-  reference's weights, or None when ctranslate2 is not installed."""
+  reference's weights, or None when ctranslate2 is not installed. The
+  converted model lives in a temporary directory only until the translator
+  has loaded it."""
   try:
     import ctranslate2  # pylint: disable=g-import-not-at-top
     from ctranslate2.converters import transformers as converters  # pylint: disable=g-import-not-at-top
@@ -93,10 +95,11 @@ def ctranslate2_decoder(hf_model, config, directory):
     hf_model.config.tie_word_embeddings = tied
   spec.validate()
   spec.optimize(quantization=None)
-  spec.save(directory)
-  translator = ctranslate2.Translator(
-      directory, device='cpu', compute_type='float32',
-      intra_threads=torch.get_num_threads(), inter_threads=1)
+  with tempfile.TemporaryDirectory(prefix='t5beam-bench-ct2-') as directory:
+    spec.save(directory)
+    translator = ctranslate2.Translator(
+        directory, device='cpu', compute_type='float32',
+        intra_threads=torch.get_num_threads(), inter_threads=1)
 
   def decode(batch):
     results = translator.translate_batch(
@@ -167,9 +170,8 @@ def main():
   sides = {OURS: lambda b: ours_batch(model, b)}
   if not args.skip_transformers:
     sides['transformers'] = lambda b: theirs_batch(hf_model, b)
-  converted = tempfile.TemporaryDirectory(prefix='t5beam-bench-ct2-')
   if not args.skip_ctranslate2:
-    ct2 = ctranslate2_decoder(hf_model, config, converted.name)
+    ct2 = ctranslate2_decoder(hf_model, config)
     if ct2 is None:
       print('ctranslate2 is not installed, so it is left out: '
             '.venv/bin/pip install -r bench/requirements.txt')
@@ -214,7 +216,6 @@ def main():
               f'batches): ratio median {median:.2f}x (10th-90th percentile '
               f'{low:.2f}-{high:.2f}x); median batch {rates[OURS]:.1f} vs '
               f'{rates[name]:.1f} ex/s', flush=True)
-  converted.cleanup()
 
 
 if __name__ == '__main__':
