@@ -192,8 +192,8 @@ def main():
       for name, decode in sides.items():
         rate, first, tokens[name] = time_side(decode, inputs, batch_size)
         rounds[name].append(rate)
-        if name == OURS:
-          first_seconds = first
+        if name == OURS and first_seconds is None:
+          first_seconds = first  # the first round's: it includes compiling
     ours = max(rounds[OURS])
     print(f'batch {batch_size:4d}: {OURS} {ours:6.1f} ex/s '
           f'({ours * GFLOP_PER_EXAMPLE:.0f} GFLOP/s; rounds '
