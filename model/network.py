@@ -406,11 +406,18 @@ class Decoder(nn.Module):
   def cross_kv(self, encoded: Array) -> List[KeyValue]:
     return [layer.cross_kv(encoded) for layer in self.layers]
 
-  def logits(self, x: Array, embedding: Array) -> Array:
-    """Final norm and output projection, float32 logits [..., vocab]."""
+  def logits_input(self, x: Array) -> Array:
+    """The final norm (and T5 1.0's scaling): what the output layer
+    multiplies, [..., d_model]."""
     x = self.decoder_norm(x)
     if self.config.logits_via_embedding:
       x = x * (self.config.d_model**-0.5)
+    return x
+
+  def logits(self, x: Array, embedding: Array) -> Array:
+    """Final norm and output projection, float32 logits [..., vocab]."""
+    x = self.logits_input(x)
+    if self.config.logits_via_embedding:
       logits = jnp.dot(x, embedding.T)
     else:
       logits = jnp.dot(x, self.logits_dense().astype(x.dtype))
@@ -426,12 +433,15 @@ class Decoder(nn.Module):
 
   def step(self, x: Array, index: Array, cache: List[KeyValue],
            self_bias: Array, cross: List[KeyValue], cross_bias: Array,
-           embedding: Array) -> Tuple[Array, List[KeyValue]]:
+           embedding: Array, return_hidden: bool = False
+           ) -> Tuple[Array, List[KeyValue]]:
     new_cache = []
     for layer, layer_cache, layer_cross in zip(self.layers, cache, cross):
       x, layer_cache = layer.step(x, index, layer_cache, self_bias,
                                   layer_cross, cross_bias)
       new_cache.append(layer_cache)
+    if return_hidden:
+      return self.logits_input(x), new_cache
     return self.logits(x, embedding), new_cache
 
 
@@ -474,8 +484,11 @@ class Transformer(nn.Module):
 
   def decode_step(self, tokens: Array, index: Array, cache: List[KeyValue],
                   self_bias_table: Array, cross: List[KeyValue],
-                  encoder_mask: Array) -> Tuple[Array, List[KeyValue]]:
-    """Logits [batch, vocab] for `tokens` [batch] placed at position `index`.
+                  encoder_mask: Array, return_hidden: bool = False
+                  ) -> Tuple[Array, List[KeyValue]]:
+    """Logits [batch, vocab] for `tokens` [batch] placed at position `index`,
+    or with `return_hidden` what the output layer multiplies [batch,
+    d_model] (`Decoder.logits_input`).
 
     self_bias_table is `decoder_self_bias(cache_length)`, computed once per
     batch; this step slices out its row for `index`.
@@ -488,7 +501,8 @@ class Transformer(nn.Module):
     # [batch, in_len] -> [batch, 1, 1, in_len]
     cross_bias = jnp.where(encoder_mask, 0.0, MASK_VALUE)[:, None, None, :]
     logits, cache = self.decoder.step(x, index, cache, row, cross, cross_bias,
-                                      self.token_embedder.table())
+                                      self.token_embedder.table(),
+                                      return_hidden)
     return logits[:, 0, :], cache
 
   def init_cache(self, batch_size: int, length: int) -> List[KeyValue]:

@@ -40,6 +40,7 @@ EOS_BOOST = {'t5_1_0_style': 0.0, 't5_1_1_style': 0.5}
 
 
 _PAIRS = {}
+_PATHS = {}
 
 
 def _make_pair(name, tmp_path_factory):
@@ -52,6 +53,7 @@ def _make_pair(name, tmp_path_factory):
       hf.shared.weight[0] = 0.0
     path = tmp_path_factory.mktemp(name)
     hf.save_pretrained(path)
+    _PATHS[name] = str(path)
     _PAIRS[name] = (hf, InferenceModel.load(str(path)), config, name)
   return _PAIRS[name]
 
@@ -95,12 +97,7 @@ def test_decoder_logits_match(pair, inputs):
   np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=0)
 
 
-def test_greedy_decodes_are_token_identical(pair, inputs):
-  hf, ours, _, _ = pair
-  encoder, _, _ = inputs
-  expected = ref.hf_greedy(hf, encoder, TARGET_LENGTH)
-  actual = ours.predict_batch({'encoder_input_tokens': encoder},
-                              max_length=TARGET_LENGTH)
+def _assert_token_identical(actual, expected):
   assert actual.shape == (BATCH, TARGET_LENGTH)
   mismatched = np.flatnonzero((actual != expected).any(axis=1))
   assert mismatched.size == 0, (
@@ -108,6 +105,28 @@ def test_greedy_decodes_are_token_identical(pair, inputs):
       f'{actual[mismatched[0]].tolist()} vs {expected[mismatched[0]].tolist()}')
   # Not a degenerate comparison: outputs differ between examples.
   assert len({tuple(row) for row in actual}) > BATCH // 4
+
+
+def test_greedy_decodes_are_token_identical(pair, inputs):
+  hf, ours, _, _ = pair
+  encoder, _, _ = inputs
+  _assert_token_identical(
+      ours.predict_batch({'encoder_input_tokens': encoder},
+                         max_length=TARGET_LENGTH),
+      ref.hf_greedy(hf, encoder, TARGET_LENGTH))
+
+
+def test_screened_greedy_decodes_are_token_identical(pair, inputs):
+  # The bfloat16-screened arg-max (on by default only for big vocabularies
+  # on CPUs with bfloat16 dot instructions), forced on for these models.
+  hf, _, _, name = pair
+  encoder, _, _ = inputs
+  screened = InferenceModel.load(_PATHS[name], screen_argmax=True)
+  assert screened.argmax_screen is not None
+  _assert_token_identical(
+      screened.predict_batch({'encoder_input_tokens': encoder},
+                             max_length=TARGET_LENGTH),
+      ref.hf_greedy(hf, encoder, TARGET_LENGTH))
 
 
 def test_concurrent_halves_decode_exactly_as_one_batch(tmp_path_factory,
