@@ -228,8 +228,14 @@ def batch_rng(config: InferConfig, chunk_key, batch_index: int):
 
 def run_model(model, config: InferConfig, batch,
               rng=None) -> Dict[str, np.ndarray]:
-  """{'tokens', 'scores'} for predict modes, {'scores'} for score mode."""
-  if config.mode in ('predict', 'predict_with_aux'):
+  """{'tokens'} for predict mode, {'tokens', 'scores'} for predict_with_aux,
+  {'scores', 'token_scores', 'weights'} for score mode."""
+  if config.mode == 'predict':
+    # Records carry no scores, and greedy decoding is faster without them
+    # (model.screened_argmax).
+    tokens = model.predict_batch(batch, decoding=config.decoding, rng=rng)
+    return {'tokens': tokens}
+  if config.mode == 'predict_with_aux':
     tokens, scores = model.predict_batch(batch, return_scores=True,
                                          decoding=config.decoding, rng=rng)
     return {'tokens': tokens, 'scores': scores}
@@ -353,7 +359,7 @@ class InferChunk(beam.DoFn):
         if 'tokens' in outputs:
           record.update(_prediction_fields(
               config, vocabulary, outputs['tokens'][i],
-              outputs['scores'][i]))
+              outputs['scores'][i] if 'scores' in outputs else None))
           decoded_tokens += int(np.sum(outputs['tokens'][i] > 0))
         else:
           record['score'] = float(outputs['scores'][i])
@@ -368,7 +374,8 @@ class InferChunk(beam.DoFn):
 def _prediction_fields(config: InferConfig, vocabulary, tokens: np.ndarray,
                        scores) -> Dict[str, Any]:
   """`prediction` (+ `prediction_tokens`, `aux`) of one example; lists of
-  all decodes (increasing score) when return_all_decodes."""
+  all decodes (increasing score) when return_all_decodes. `scores` (None in
+  predict mode) go to `aux` in predict_with_aux mode."""
   def cut(ids):
     ids = ids.tolist()
     return ids[:ids.index(0)] if 0 in ids else ids
@@ -376,15 +383,13 @@ def _prediction_fields(config: InferConfig, vocabulary, tokens: np.ndarray,
   if tokens.ndim == 2:
     ids = [cut(row) for row in tokens]
     fields = {'prediction': [vocabulary.decode(i) for i in ids]}
-    score = [float(s) for s in scores]
   else:
     ids = cut(tokens)
     fields = {'prediction': vocabulary.decode(ids)}
-    score = float(scores)
   if config.output_ids:
     fields['prediction_tokens'] = ids
   if config.mode == 'predict_with_aux':
-    fields['aux'] = {'scores': score}
+    fields['aux'] = {'scores': np.asarray(scores, np.float64).tolist()}
   return fields
 
 
