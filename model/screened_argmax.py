@@ -37,7 +37,7 @@ BLOCK = 128
 # Blocks, then tokens, kept per row; more candidates than this fall back to
 # all float32 logits.
 BLOCKS_KEPT = 16
-CANDIDATES_KEPT = 32
+CANDIDATES_KEPT = 16
 # Below this vocabulary size the output layer is too small to gain.
 MIN_VOCAB = 4096
 
