@@ -124,8 +124,9 @@ def _decode_loop(module: Transformer, variables, encoder_input_tokens,
 
   pick(logits [batch, vocab] float32, step) -> (token [batch] int32,
   token score [batch] float32); with `pick_from_hidden`, pick gets what the
-  output layer would multiply [batch, d_model] instead. Returns (tokens [batch, max_length], summed
-  scores [batch]); 0 after each EOS; stops when all sequences have ended or
+  output layer would multiply [batch, d_model] instead. Returns (tokens
+  [batch, max_length], summed scores [batch]); 0 after each EOS; stops when
+  all sequences have ended or
   after `max_steps` (default max_length) tokens. With `copies`, each example
   is decoded that many times, its copies consecutive (batch is then
   examples * copies).
@@ -140,11 +141,11 @@ def _decode_loop(module: Transformer, variables, encoder_input_tokens,
     return (state.step < steps) & ~jnp.all(state.done)
 
   def decode_one(state: GreedyState) -> GreedyState:
-    logits, cache = module.apply(variables, state.last_token, state.step,
-                                 state.cache, self_bias_table, cross,
-                                 encoder_mask, pick_from_hidden,
-                                 method='decode_step')
-    token, token_score = pick(logits, state.step)
+    outputs, cache = module.apply(variables, state.last_token, state.step,
+                                  state.cache, self_bias_table, cross,
+                                  encoder_mask, pick_from_hidden,
+                                  method='decode_step')
+    token, token_score = pick(outputs, state.step)
     token = jnp.where(state.done, 0, token)
     scores = state.scores + jnp.where(state.done, 0.0, token_score)
     tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None],
@@ -182,7 +183,7 @@ def greedy_decode(module: Transformer, variables,
 
   `argmax_screen` (`model.screened_argmax.make_screen` of the output layer)
   finds each arg-max without the full float32 logits when no scores are
-  asked for; the tokens are those of the float32 logits either way.
+  asked for; the tokens are the arg-max of float32 logits either way.
   """
   if argmax_screen is not None and not return_scores:
     def pick_screened(hidden, step):

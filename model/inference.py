@@ -73,6 +73,8 @@ class InferenceModel:
     if screen_argmax is None:
       screen_argmax = screened_argmax.worthwhile(config.vocab_size,
                                                  config.dtype)
+    elif screen_argmax:
+      screened_argmax.check_applicable(config.dtype)
     self.argmax_screen = None
     if screen_argmax:
       self.argmax_screen = jax.jit(screened_argmax.make_screen)(

@@ -500,10 +500,10 @@ class Transformer(nn.Module):
                                 (heads, 1, length))[None]
     # [batch, in_len] -> [batch, 1, 1, in_len]
     cross_bias = jnp.where(encoder_mask, 0.0, MASK_VALUE)[:, None, None, :]
-    logits, cache = self.decoder.step(x, index, cache, row, cross, cross_bias,
-                                      self.token_embedder.table(),
-                                      return_hidden)
-    return logits[:, 0, :], cache
+    outputs, cache = self.decoder.step(x, index, cache, row, cross,
+                                       cross_bias, self.token_embedder.table(),
+                                       return_hidden)
+    return outputs[:, 0, :], cache
 
   def init_cache(self, batch_size: int, length: int) -> List[KeyValue]:
     cfg = self.config

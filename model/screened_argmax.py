@@ -19,9 +19,13 @@ are approximate, so they only screen:
    of the largest wins, as `first_argmax` over all logits would choose.
 
 When a row has more candidates than are kept, or a non-finite value, the
-step computes every float32 logit instead: the result never depends on the
-screen. With random weights (the hardest case: near-ties everywhere) rows
-have about 2 candidates; trained models' logits are more peaked.
+step computes every float32 logit instead. The token is the arg-max of
+float32 logits either way. Like any change of float32 summation order (a
+different batch shape does it too), the candidates' dot products can
+order two logits within a few units in the last place of each other
+differently from the full matmul; nothing coarser than that depends on
+the screen. With random weights (the hardest case: near-ties everywhere)
+rows have about 2 candidates; trained models' logits are more peaked.
 """
 
 import functools
@@ -30,7 +34,6 @@ from typing import Dict
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # Tokens per block of the vocabulary for the first, blockwise screen.
 BLOCK = 128
@@ -85,8 +88,27 @@ def worthwhile(vocab_size: int, activation_dtype: str) -> bool:
           cpu_has_bf16_dot())
 
 
+def check_applicable(activation_dtype: str):
+  """Raises unless the screen gives float32 arg-maxes here: float32
+  activations (bfloat16 ones have bfloat16 logits) on a CPU backend (on
+  GPU and TPU float32 matmuls may run at TF32 or bfloat16 precision)."""
+  if jnp.dtype(activation_dtype) != jnp.float32:
+    raise ValueError(f'screen_argmax needs float32 activations, not '
+                     f'{activation_dtype}: leave screen_argmax unset')
+  if jax.default_backend() != 'cpu':
+    raise ValueError(f'screen_argmax is for CPU backends, not '
+                     f'{jax.default_backend()}: leave screen_argmax unset')
+
+
 def _row_norms(x: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))
+  """Euclidean norms of the rows of x [..., n] that neither underflow nor
+  overflow in the squares: each row is scaled by a power of two (exactly)
+  to a largest magnitude in [0.5, 1) first. XLA's CPU code flushes
+  denormals to zero, so squares of entries below about 1e-19 would vanish."""
+  _, exponent = jnp.frexp(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
+  scaled = jnp.ldexp(x, -exponent)
+  return jnp.ldexp(jnp.sqrt(jnp.sum(jnp.square(scaled), axis=-1)),
+                   exponent[..., 0])
 
 
 def make_screen(rows: jax.Array) -> Dict[str, jax.Array]:
@@ -142,7 +164,9 @@ def error_bound(h: jax.Array, screen: Dict[str, jax.Array]) -> jax.Array:
            + gamma * (_row_norms(h_bf16) * rounded_norm + h_norm * row_norm))
   # Margins: rounding in this float32 arithmetic and in the threshold's
   # subtraction (a few units in the last place of the largest logit, which
-  # is at most about |h| max|w|), and denormal products flushed to zero.
+  # is at most about |h| max|w|), and products under float32's smallest
+  # normal (2**-126) flushed to zero: at most 2 * d_model of them per dot
+  # product, far below 1e-30.
   return bound * (1 + 2.0**-10) + 4 * unit * h_norm * row_norm + 1e-30
 
 

@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 from model import screened_argmax as screening
+from model.config import T5Config
+from model.inference import InferenceModel
+from model.network import init_params
 
 D_MODEL = 512
 # Not a whole number of 128-token blocks: the padding is under test too.
@@ -58,22 +61,56 @@ def test_tokens_equal_the_float32_argmax(distribution):
                                 expected[screened & decided])
 
 
-def test_error_bound_covers_every_logit():
+@pytest.mark.parametrize('h_scale,w_scale', [
+    (1.0, 1.0), (1e3, 1e-3),
+    # Squares of entries this small vanish in float32 (XLA's CPU code
+    # flushes denormals), and of entries this large overflow.
+    (1e-20, 1.0), (1.0, 1e-20), (1e15, 1.0)])
+def test_error_bound_covers_every_logit(h_scale, w_scale):
   # The inequality the screen rests on, against XLA's real bfloat16 kernel:
   # |approximate - exact| <= bound for every token, and the bound is tight
   # enough to be useful: about a tenth of the logits' spread, so few tokens
   # come within two bounds of the top.
   rng = np.random.default_rng(1)
-  for scale in (1e-3, 1.0, 1e3):
-    rows = _weights(rng, scale=0.05 * scale)
-    h = (rng.standard_t(3, (256, D_MODEL)) * scale).astype(np.float32)
-    screen = screening.make_screen(rows)
-    approx = np.asarray(screening.approximate_logits(h, screen))[:, :VOCAB]
-    bound = np.asarray(screening.error_bound(h, screen))
-    exact = h.astype(np.float64) @ rows.astype(np.float64).T
-    error = np.abs(approx - exact).max(axis=-1)
-    assert (error <= bound).all(), (error / bound).max()
-    assert (bound < 0.2 * exact.std(axis=-1)).all()
+  rows = _weights(rng, scale=0.05 * w_scale)
+  h = (rng.standard_t(3, (256, D_MODEL)) * h_scale).astype(np.float32)
+  screen = screening.make_screen(rows)
+  approx = np.asarray(screening.approximate_logits(h, screen))[:, :VOCAB]
+  bound = np.asarray(screening.error_bound(h, screen))
+  exact = h.astype(np.float64) @ rows.astype(np.float64).T
+  error = np.abs(approx - exact).max(axis=-1)
+  assert (error <= bound).all(), (error / bound).max()
+  assert (bound < 0.2 * exact.std(axis=-1)).all()
+
+
+def test_error_bound_covers_rounding_aligned_with_a_row():
+  # The two rounding terms of the bound met with equality (Cauchy-Schwarz
+  # is tight when the rounding residue points along the row): each term
+  # is needed.
+  rng = np.random.default_rng(5)
+  # (1) h exact in bfloat16, along the residue of row 7: the error is
+  # |h| |w_7 - bf16(w_7)|.
+  rows = _weights(rng)
+  residue = rows - np.asarray(jnp.asarray(rows).astype(jnp.bfloat16)
+                              .astype(jnp.float32))
+  h = np.asarray(jnp.asarray(residue[7:8] * 1e4).astype(jnp.bfloat16)
+                 .astype(jnp.float32))
+  # (2) weights exact in bfloat16, and h's residue along row 7.
+  exact_rows = np.asarray(jnp.asarray(rows).astype(jnp.bfloat16)
+                          .astype(jnp.float32))
+  base = np.asarray(jnp.asarray(exact_rows[7:8] * 100).astype(jnp.bfloat16)
+                    .astype(jnp.float32))
+  # Each entry under half a bfloat16 step of base's: bf16(h2) == base.
+  h2 = (base + exact_rows[7:8] * (100 * 2.0**-10)).astype(np.float32)
+  assert np.array_equal(np.asarray(jnp.asarray(h2).astype(jnp.bfloat16)
+                                   .astype(jnp.float32)), base)
+  for weights, row in ((rows, h), (exact_rows, h2)):
+    screen = screening.make_screen(weights)
+    approx = np.asarray(screening.approximate_logits(row, screen))[0, 7]
+    exact = (row.astype(np.float64) @ weights[7].astype(np.float64))[0]
+    bound = np.asarray(screening.error_bound(row, screen))[0]
+    assert abs(approx - exact) <= bound
+    assert abs(approx - exact) > 0.3 * bound  # the case really is tight
 
 
 def test_ties_go_to_the_first_index():
@@ -104,6 +141,25 @@ def test_near_ties_are_settled_in_float32():
   np.testing.assert_array_equal(np.asarray(tokens), [6000, 6000])
 
 
+@pytest.mark.parametrize('ties,same_block,screened', [
+    (16, True, True), (17, True, False),    # candidates kept per row
+    (16, False, True), (17, False, False),  # blocks kept per row
+])
+def test_each_candidate_limit_is_enforced(ties, same_block, screened):
+  rng = np.random.default_rng(6)
+  rows = _weights(rng)
+  tied = (np.arange(ties) + 256 if same_block else
+          np.arange(ties) * screening.BLOCK + 3)
+  rows[tied] = rows[tied[0]] * 3
+  h = rows[tied[0]][None].copy()
+  tokens, settled = _screen_rows(h, screening.make_screen(rows))
+  assert bool(np.asarray(settled)[0]) == screened
+  assert np.asarray(_screened_argmax(h, screening.make_screen(rows)))[0] == (
+      tied.min())
+  if screened:
+    assert np.asarray(tokens)[0] == tied.min()
+
+
 def test_rows_with_too_many_candidates_fall_back_to_float32():
   rng = np.random.default_rng(4)
   rows = _weights(rng)
@@ -122,3 +178,14 @@ def test_rows_with_too_many_candidates_fall_back_to_float32():
   # An all-NaN row gets what first_argmax gives it: an index in range.
   assert tokens[2] == np.asarray(screening.first_argmax(
       jnp.dot(h[2:], rows.T)))[0]
+
+
+def test_forcing_the_screen_on_bfloat16_activations_is_refused():
+  # bfloat16 activations give bfloat16 logits, whose arg-max the screen
+  # (which answers for float32 logits) would not reproduce.
+  config = T5Config(vocab_size=300, d_model=32, num_heads=2, d_kv=8,
+                    d_ff=64, num_encoder_layers=1, num_decoder_layers=1,
+                    dtype='bfloat16')
+  with pytest.raises(ValueError, match='float32 activations'):
+    InferenceModel(config, init_params(config), screen_argmax=True)
+  assert InferenceModel(config, init_params(config)).argmax_screen is None
