@@ -12,7 +12,7 @@ here. Every side runs in this process on the same threads, alternating for
 Then --paired_passes passes time every batch on every side back to back and
 print the median of those per-batch ratios with their spread. On a shared
 machine both figures move between runs (against transformers at batch 128,
-1.58-1.82x and 1.68-1.81x in 4 runs here): compare several runs. Not a
+1.56-1.82x and 1.57-1.81x in 5 runs here): compare several runs. Not a
 test: run it by hand.
 
     .venv/bin/python bench/nq_small_greedy.py [--examples 1024] [--batch_sizes 32,128]
