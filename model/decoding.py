@@ -126,10 +126,9 @@ def _decode_loop(module: Transformer, variables, encoder_input_tokens,
   token score [batch] float32); with `pick_from_hidden`, pick gets what the
   output layer would multiply [batch, d_model] instead. Returns (tokens
   [batch, max_length], summed scores [batch]); 0 after each EOS; stops when
-  all sequences have ended or
-  after `max_steps` (default max_length) tokens. With `copies`, each example
-  is decoded that many times, its copies consecutive (batch is then
-  examples * copies).
+  all sequences have ended or after `max_steps` (default max_length)
+  tokens. With `copies`, each example is decoded that many times, its
+  copies consecutive (batch is then examples * copies).
   """
   cfg = module.config
   batch_size = encoder_input_tokens.shape[0] * copies

@@ -124,10 +124,10 @@ def make_screen(rows: jax.Array) -> Dict[str, jax.Array]:
   rows = jnp.asarray(rows, jnp.float32)
   vocab_size = rows.shape[0]
   rounded = rows.astype(jnp.bfloat16)
-  norms = jnp.stack([
-      jnp.max(_row_norms(rows - rounded.astype(jnp.float32))),
-      jnp.max(_row_norms(rows)),
-      jnp.max(_row_norms(rounded.astype(jnp.float32)))])
+  rounded_f32 = rounded.astype(jnp.float32)
+  norms = jnp.stack([jnp.max(_row_norms(rows - rounded_f32)),
+                     jnp.max(_row_norms(rows)),
+                     jnp.max(_row_norms(rounded_f32))])
   padding = -vocab_size % BLOCK
   kernel = jnp.pad(rounded.T, ((0, 0), (0, padding)))
   return {'rows': rows, 'kernel_bf16': kernel, 'norms': norms}
@@ -159,9 +159,9 @@ def error_bound(h: jax.Array, screen: Dict[str, jax.Array]) -> jax.Array:
   unit = 2.0**-24
   terms = 2 * d_model
   gamma = terms * unit / (1 - terms * unit)
-  h_norm = _row_norms(h)
-  bound = (_row_norms(h_bf16) * residue_norm + _row_norms(h - h_bf16) * row_norm
-           + gamma * (_row_norms(h_bf16) * rounded_norm + h_norm * row_norm))
+  h_norm, h_bf16_norm = _row_norms(h), _row_norms(h_bf16)
+  bound = (h_bf16_norm * residue_norm + _row_norms(h - h_bf16) * row_norm
+           + gamma * (h_bf16_norm * rounded_norm + h_norm * row_norm))
   # Margins: rounding in this float32 arithmetic and in the threshold's
   # subtraction (a few units in the last place of the largest logit, which
   # is at most about |h| max|w|), and products under float32's smallest

@@ -25,6 +25,11 @@ def _weights(rng, vocab=VOCAB, d_model=D_MODEL, scale=0.05):
   return (rng.standard_normal((vocab, d_model)) * scale).astype(np.float32)
 
 
+def _bf16(x):
+  """x rounded to bfloat16 as XLA rounds it, back in float32."""
+  return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
+
+
 def _reference_argmax(h, rows):
   """(arg-max [batch], decided [batch]): decided where the top two float64
   logits are further apart than float32 dot products can err (each by at
@@ -91,19 +96,13 @@ def test_error_bound_covers_rounding_aligned_with_a_row():
   # (1) h exact in bfloat16, along the residue of row 7: the error is
   # |h| |w_7 - bf16(w_7)|.
   rows = _weights(rng)
-  residue = rows - np.asarray(jnp.asarray(rows).astype(jnp.bfloat16)
-                              .astype(jnp.float32))
-  h = np.asarray(jnp.asarray(residue[7:8] * 1e4).astype(jnp.bfloat16)
-                 .astype(jnp.float32))
+  exact_rows = _bf16(rows)
+  h = _bf16((rows - exact_rows)[7:8] * 1e4)
   # (2) weights exact in bfloat16, and h's residue along row 7.
-  exact_rows = np.asarray(jnp.asarray(rows).astype(jnp.bfloat16)
-                          .astype(jnp.float32))
-  base = np.asarray(jnp.asarray(exact_rows[7:8] * 100).astype(jnp.bfloat16)
-                    .astype(jnp.float32))
+  base = _bf16(exact_rows[7:8] * 100)
   # Each entry under half a bfloat16 step of base's: bf16(h2) == base.
   h2 = (base + exact_rows[7:8] * (100 * 2.0**-10)).astype(np.float32)
-  assert np.array_equal(np.asarray(jnp.asarray(h2).astype(jnp.bfloat16)
-                                   .astype(jnp.float32)), base)
+  assert np.array_equal(_bf16(h2), base)
   for weights, row in ((rows, h), (exact_rows, h2)):
     screen = screening.make_screen(weights)
     approx = np.asarray(screening.approximate_logits(row, screen))[0, 7]
