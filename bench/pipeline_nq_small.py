@@ -19,6 +19,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from model import runtime  # pylint: disable=g-import-not-at-top
+
+runtime.configure_xla_cpu()  # before JAX starts
+
 import numpy as np  # pylint: disable=g-import-not-at-top
 import seqio
 import tensorflow as tf

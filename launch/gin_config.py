@@ -83,10 +83,11 @@ class DatasetConfig:
 @dataclasses.dataclass(frozen=True)
 class RestoreCheckpointConfig:
   """T5X's RestoreCheckpointConfig: the checkpoint and the dtype to restore
-  parameters in ('float32', 'bfloat16', 'float16')."""
+  parameters in ('float32', 'bfloat16', 'float16'; by default
+  model.config.DEFAULT_RESTORE_DTYPE)."""
   path: str = gin.REQUIRED
   mode: str = 'specific'
-  dtype: Optional[str] = 'bfloat16'
+  dtype: Optional[str] = model_config_lib.DEFAULT_RESTORE_DTYPE
 
   def __post_init__(self):
     if self.mode not in ('specific', 'latest'):
@@ -151,7 +152,8 @@ def infer(*,  # pylint: disable=invalid-name
       num_input_shards=num_input_shards,
       num_output_shards=num_output_shards,
       model_config=spec.config,
-      restore_dtype=restore_checkpoint_cfg.dtype or 'float32',
+      restore_dtype=(restore_checkpoint_cfg.dtype or
+                     model_config_lib.DEFAULT_RESTORE_DTYPE),
       activation_dtype=activation_dtype,
       output_ids=output_ids,
       include_all_inputs=include_all_inputs,

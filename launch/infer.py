@@ -183,7 +183,7 @@ def write_run_info(config, architecture):
   """config.gin (the operative Gin config) and model-info.txt, as T5X."""
   import gin  # pylint: disable=g-import-not-at-top
   from model import checkpoints  # pylint: disable=g-import-not-at-top
-  from pipeline import files  # pylint: disable=g-import-not-at-top
+  from model import files  # pylint: disable=g-import-not-at-top
   files.write_atomically(files.join(config.output_dir, 'config.gin'),
                          gin.operative_config_str().encode('utf-8'))
   lines = [f'# {config.checkpoint_path}', f'# {architecture}']
@@ -228,6 +228,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for noisy in ('absl', 'apache_beam', 'jax', 'tensorflow', 'orbax',
                 'etils'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  from model import runtime  # pylint: disable=g-import-not-at-top
+  # Before JAX starts; local worker processes inherit the setting.
+  runtime.configure_xla_cpu()
   from apache_beam.options.pipeline_options import StandardOptions  # pylint: disable=g-import-not-at-top
   from apache_beam.options.pipeline_options import TestOptions  # pylint: disable=g-import-not-at-top
   from pipeline import plan  # pylint: disable=g-import-not-at-top

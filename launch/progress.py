@@ -9,7 +9,8 @@ import threading
 import time
 from typing import List
 
-from pipeline import files, plan
+from model import files
+from pipeline import plan
 from pipeline.config import InferConfig
 
 _COUNT_RE = re.compile(r'^count-(\d{5})-of-(\d{5})\.json$')

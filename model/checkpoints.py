@@ -21,7 +21,8 @@ import fsspec
 import ml_dtypes
 import numpy as np
 
-from model.config import T5Config
+from model import files
+from model.config import DEFAULT_RESTORE_DTYPE, T5Config
 
 Params = Dict[str, Any]
 
@@ -35,26 +36,6 @@ FORMATS_LOOKED_FOR = (
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be read; the message says why and what to do."""
-
-
-# --- small file helpers: local paths and gs:// alike -------------------------
-
-
-def _fs(path: str):
-  return fsspec.core.url_to_fs(path)[0]
-
-
-def _exists(path: str) -> bool:
-  return _fs(path).exists(path)
-
-
-def _join(base: str, name: str) -> str:
-  return base.rstrip('/') + '/' + name
-
-
-def _read_json(path: str) -> Dict[str, Any]:
-  with fsspec.open(path, 'r') as f:
-    return json.load(f)
 
 
 # --- checkpoint steps -----------------------------------------------------------
@@ -77,7 +58,8 @@ def checkpoint_step(path: str) -> Optional[int]:
   match = _STEP_DIR.match(parts[-1]) or _TF_STEP.search(parts[-1])
   if match:
     return int(match.group(1))
-  if _exists(_join(path, 'checkpoint')) and not _t5x_checkpoint_file(path):
+  if (files.exists(files.join(path, 'checkpoint')) and
+      not _t5x_checkpoint_file(path)):
     latest = _latest_tensorflow(path)
     if latest:
       match = _TF_STEP.search(latest)
@@ -88,7 +70,7 @@ def checkpoint_step(path: str) -> Optional[int]:
 def latest_checkpoint(directory: str) -> str:
   """The newest `checkpoint_<step>` (T5X) or `<step>` (Orbax manager)
   directory in a training directory: T5X's restore mode 'latest'."""
-  fs = _fs(directory)
+  fs = files.filesystem(directory)
   steps = []
   if fs.exists(directory):
     for entry in fs.ls(directory, detail=True):
@@ -101,7 +83,7 @@ def latest_checkpoint(directory: str) -> str:
         f'CHECKPOINT_PATH {directory!r} holds no checkpoint_<step> or <step> '
         "directories, so restore mode 'latest' finds nothing; point it at a "
         "training directory, or use mode 'specific' with a checkpoint path")
-  return _join(directory, max(steps)[1])
+  return files.join(directory, max(steps)[1])
 
 
 # --- format detection ---------------------------------------------------------
@@ -110,30 +92,30 @@ def latest_checkpoint(directory: str) -> str:
 def detect_format(path: str) -> str:
   """'huggingface', 'orbax', 't5x' or 'tensorflow'; CheckpointError
   otherwise."""
-  if _exists(path + '.index'):
+  if files.exists(path + '.index'):
     return 'tensorflow'
-  if not _exists(path):
+  if not files.exists(path):
     raise CheckpointError(
         f'CHECKPOINT_PATH {path!r} not found: nothing exists at that path; '
         f'point it at a checkpoint directory ({FORMATS_LOOKED_FOR})')
-  if _exists(_join(path, 'config.json')):
-    if (_exists(_join(path, 'model.safetensors')) or
-        _exists(_join(path, 'model.safetensors.index.json'))):
+  if files.exists(files.join(path, 'config.json')):
+    if (files.exists(files.join(path, 'model.safetensors')) or
+        files.exists(files.join(path, 'model.safetensors.index.json'))):
       return 'huggingface'
-    if (_exists(_join(path, 'pytorch_model.bin')) or
-        _exists(_join(path, 'pytorch_model.bin.index.json'))):
+    if (files.exists(files.join(path, 'pytorch_model.bin')) or
+        files.exists(files.join(path, 'pytorch_model.bin.index.json'))):
       raise CheckpointError(
           f'CHECKPOINT_PATH {path!r} holds only pytorch_model.bin, which '
           'cannot be read without unpickling; convert it to safetensors '
           '(transformers: model.save_pretrained(dir, safe_serialization=True))')
-  if (_exists(_join(path, '_METADATA')) or
-      _exists(_join(path, '_CHECKPOINT_METADATA'))):
+  if (files.exists(files.join(path, '_METADATA')) or
+      files.exists(files.join(path, '_CHECKPOINT_METADATA'))):
     return 'orbax'
-  if _exists(_join(path, 'state/_METADATA')):
+  if files.exists(files.join(path, 'state/_METADATA')):
     return 'orbax'  # T5X's Orbax layout: checkpoint_<step>/state
   if _t5x_checkpoint_file(path):
     return 't5x'
-  if _exists(_join(path, 'checkpoint')) and _latest_tensorflow(path):
+  if files.exists(files.join(path, 'checkpoint')) and _latest_tensorflow(path):
     return 'tensorflow'
   raise CheckpointError(
       f'CHECKPOINT_PATH {path!r} holds no recognised checkpoint: looked for '
@@ -145,17 +127,18 @@ def read_config(path: str) -> Optional[T5Config]:
   (None for an Orbax checkpoint saved without t5_config.json)."""
   fmt = detect_format(path)
   if fmt == 'huggingface':
-    return config_from_huggingface(_read_json(_join(path, 'config.json')))
+    return config_from_huggingface(
+        files.read_json(files.join(path, 'config.json')))
   if fmt in ('tensorflow', 't5x'):
     return None  # these formats do not record the architecture
-  config_path = _join(path, CONFIG_FILE)
-  if _exists(config_path):
-    return T5Config.from_dict(_read_json(config_path))
+  config_path = files.join(path, CONFIG_FILE)
+  if files.exists(config_path):
+    return T5Config.from_dict(files.read_json(config_path))
   return None
 
 
 def load_checkpoint(path: str, config: Optional[T5Config] = None,
-                    dtype: Optional[str] = 'float32'
+                    dtype: Optional[str] = DEFAULT_RESTORE_DTYPE
                     ) -> Tuple[T5Config, Params]:
   """Reads the checkpoint at `path` as (config, params).
 
@@ -410,15 +393,16 @@ def _huggingface_names(config: T5Config) -> Iterable[Tuple[str, str, bool]]:
 
 
 def read_huggingface(path: str) -> Tuple[T5Config, Params]:
-  config = config_from_huggingface(_read_json(_join(path, 'config.json')))
-  index_path = _join(path, 'model.safetensors.index.json')
-  if _exists(index_path):
-    files = sorted(set(_read_json(index_path)['weight_map'].values()))
+  config = config_from_huggingface(
+      files.read_json(files.join(path, 'config.json')))
+  index_path = files.join(path, 'model.safetensors.index.json')
+  if files.exists(index_path):
+    shards = sorted(set(files.read_json(index_path)['weight_map'].values()))
   else:
-    files = ['model.safetensors']
+    shards = ['model.safetensors']
   tensors: Dict[str, np.ndarray] = {}
-  for name in files:
-    tensors.update(read_safetensors(_join(path, name)))
+  for name in shards:
+    tensors.update(read_safetensors(files.join(path, name)))
   return config, params_from_huggingface(config, tensors, source=path)
 
 
@@ -466,16 +450,16 @@ def save_orbax(path: str, config: T5Config, params: Params):
   checkpointer.save(os.path.abspath(path) if '://' not in path else path,
                     _map_tree(np.asarray, params))
   checkpointer.wait_until_finished()
-  with fsspec.open(_join(path, CONFIG_FILE), 'w') as f:
+  with fsspec.open(files.join(path, CONFIG_FILE), 'w') as f:
     f.write(config.to_json())
 
 
 def read_orbax(path: str, config: Optional[T5Config]
                ) -> Tuple[T5Config, Params]:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  config_path = _join(path, CONFIG_FILE)
-  if _exists(config_path):
-    stored = T5Config.from_dict(_read_json(config_path))
+  config_path = files.join(path, CONFIG_FILE)
+  if files.exists(config_path):
+    stored = T5Config.from_dict(files.read_json(config_path))
   elif config is not None:
     stored = config
   else:
@@ -483,9 +467,9 @@ def read_orbax(path: str, config: Optional[T5Config]
         f'Orbax checkpoint {path!r} has no {CONFIG_FILE!r}; give the model '
         'config (a model Gin file) so its architecture is known')
   directory = os.path.abspath(path) if '://' not in path else path
-  if not _exists(_join(path, '_METADATA')) and _exists(
-      _join(path, 'state/_METADATA')):
-    directory = _join(directory, 'state')  # T5X: checkpoint_<step>/state
+  if not files.exists(files.join(path, '_METADATA')) and files.exists(
+      files.join(path, 'state/_METADATA')):
+    directory = files.join(directory, 'state')  # T5X: checkpoint_<step>/state
   restored = ocp.PyTreeCheckpointer().restore(directory)
   if 'target' in restored and 'token_embedder' not in restored:
     restored = restored['target']  # a T5X train state: {target, state}
@@ -558,7 +542,7 @@ def read_tensorflow(path: str, config: Optional[T5Config]
     raise CheckpointError(
         f'TensorFlow checkpoint {path!r} does not record its architecture; '
         "include the model's Gin file (e.g. 'models/t5_1_1_small.gin')")
-  prefix = path if _exists(path + '.index') else _latest_tensorflow(path)
+  prefix = path if files.exists(path + '.index') else _latest_tensorflow(path)
   reader = tf.train.load_checkpoint(prefix)
   flat = {}
   for name in sorted(reader.get_variable_to_shape_map()):
@@ -576,8 +560,9 @@ def _t5x_checkpoint_file(path: str) -> Optional[str]:
 
   A TensorFlow 'checkpoint' state file is text starting with
   'model_checkpoint_path'; T5X's is a msgpack map."""
-  for candidate in (_join(path, 'checkpoint'), _join(path, 'state/checkpoint')):
-    if _exists(candidate) and not _fs(candidate).isdir(candidate):
+  for candidate in (files.join(path, 'checkpoint'),
+                    files.join(path, 'state/checkpoint')):
+    if files.exists(candidate) and not files.is_dir(candidate):
       with fsspec.open(candidate, 'rb') as f:
         head = f.read(32)
       if head and not head.startswith(b'model_checkpoint_path') and (

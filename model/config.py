@@ -12,6 +12,14 @@ import json
 from typing import Any, Dict, Mapping
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
+
+# The dtype parameters are restored in when none is asked for: the one
+# default of Gin's RestoreCheckpointConfig.dtype, the launcher,
+# InferenceModel.load and T5ModelHandler. float32 because it gives the
+# checkpoint's own numbers (the tokens the float32 reference gives) and it is
+# the fast dtype on CPUs, where every user can run; GPU and TPU runs ask for
+# 'bfloat16' (T5X's choice there; launch/dataflow's flag files set it).
+DEFAULT_RESTORE_DTYPE = 'float32'
 _FEED_FORWARD = ('relu', 'gated-gelu', 'gated-relu', 'gated-silu')
 
 

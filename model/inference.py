@@ -24,7 +24,7 @@ import numpy as np
 from model import checkpoints
 from model import decoding as decoding_lib
 from model import screened_argmax
-from model.config import T5Config
+from model.config import DEFAULT_RESTORE_DTYPE, T5Config
 from model.network import Transformer, prepare_variables
 
 Batch = Mapping[str, np.ndarray]
@@ -88,7 +88,7 @@ class InferenceModel:
 
   @classmethod
   def load(cls, path: str, config: Optional[T5Config] = None,
-           dtype: str = 'float32',
+           dtype: str = DEFAULT_RESTORE_DTYPE,
            activation_dtype: Optional[str] = None,
            **options) -> 'InferenceModel':
     """Reads the checkpoint at `path` (see `model.checkpoints`).

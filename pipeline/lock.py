@@ -27,7 +27,7 @@ import time
 import uuid
 from typing import Dict, Optional, Tuple
 
-from pipeline import files
+from model import files
 from pipeline.plan import PlanError
 
 LOCK_PREFIX = 't5beam-run.lock-'

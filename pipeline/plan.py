@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import seqio
 
-from pipeline import files
+from model import files
 from pipeline.config import InferConfig
 
 RUN_FILE = 't5beam-run.json'

@@ -19,7 +19,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.options.pipeline_options import TestOptions
 
-from pipeline import files, lock, plan, transforms
+from model import files
+from pipeline import lock, plan, transforms
 from pipeline.config import InferConfig
 
 

@@ -23,7 +23,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 import numpy as np
 
-from pipeline import files, lock, plan
+from model import files
+from pipeline import lock, plan
 from pipeline.config import InferConfig
 
 NAMESPACE = 't5beam'

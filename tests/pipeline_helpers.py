@@ -111,7 +111,8 @@ def race_for_lock(output_dir: str, contenders: int, tag: str):
   the winner's heartbeat is set two minutes back (it died): (sorted results
   as strings, one per contender: the generation taken or 'refused')."""
   import threading  # pylint: disable=g-import-not-at-top
-  from pipeline import files, lock  # pylint: disable=g-import-not-at-top
+  from model import files  # pylint: disable=g-import-not-at-top
+  from pipeline import lock  # pylint: disable=g-import-not-at-top
   results = []
   barrier = threading.Barrier(contenders)
 

@@ -267,7 +267,8 @@ def test_samples_do_not_depend_on_workers_or_retries(env, sampling_run,
 
 def test_resumed_sampling_run_draws_the_same_samples(env, sampling_run,
                                                       tmp_path):
-  from pipeline import files, plan  # pylint: disable=g-import-not-at-top
+  from model import files  # pylint: disable=g-import-not-at-top
+  from pipeline import plan  # pylint: disable=g-import-not-at-top
   output = tmp_path / 'resumed'
   config = make_config(env, output, mode='predict_with_aux',
                        decoding=_sampling())

@@ -1,4 +1,5 @@
-"""File operations the pipeline relies on, for local paths and gs:// alike.
+"""File helpers for local paths and gs:// alike (through fsspec), used by the
+checkpoint readers and by every pipeline stage.
 
 The one promise that matters: `write_atomically` makes a file appear under
 its final name only once its whole content is there, so a reader (or a
@@ -7,9 +8,10 @@ so concurrent retries of the same chunk cannot interleave their bytes.
 """
 
 import hashlib
+import json
 import os
 import uuid
-from typing import List
+from typing import Any, Dict, List
 
 import fsspec
 
@@ -51,6 +53,14 @@ def read_bytes(path: str) -> bytes:
 
 def read_text(path: str) -> str:
   return read_bytes(path).decode('utf-8')
+
+
+def read_json(path: str) -> Dict[str, Any]:
+  return json.loads(read_bytes(path))
+
+
+def is_dir(path: str) -> bool:
+  return filesystem(path).isdir(path)
 
 
 def write_atomically(path: str, data: bytes):
