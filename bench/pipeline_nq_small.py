@@ -58,7 +58,7 @@ def register_task(num_examples: int, vocab_size: int):
 def model_core_alone(checkpoint: str, config: InferConfig):
   """(examples/s, startup seconds) of predict_batch on the task's batches."""
   start = time.perf_counter()
-  model = InferenceModel.load(checkpoint)
+  model = InferenceModel.load(checkpoint, dtype='float32')
   transforms.run_model(model, config, transforms.warm_up_batch(config))
   startup = time.perf_counter() - start
   task_ds = seqio.get_mixture_or_task(TASK).get_dataset(

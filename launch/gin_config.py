@@ -20,6 +20,7 @@ from model.config import T5Config
 from model.decoding import DecodingConfig
 from pipeline import plan
 from pipeline.config import InferConfig
+from pipeline.inference import ModelSpec
 from pipeline.file_tasks import FileTaskSpec
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -35,7 +36,7 @@ for _vocabulary in (seqio.SentencePieceVocabulary, seqio.ByteVocabulary,
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
+class GinModel:
   """What a model Gin file gives: the architecture and the vocabulary."""
   config: Optional[T5Config]
   vocabulary: Optional[seqio.Vocabulary]
@@ -44,16 +45,16 @@ class ModelSpec:
 @gin.configurable(module='t5beam')
 def Model(architecture: Optional[str] = None,  # pylint: disable=invalid-name
           vocabulary: Optional[seqio.Vocabulary] = None,
-          **overrides) -> ModelSpec:
+          **overrides) -> GinModel:
   """A T5-family model: a preset name ('t5_1_1_small', 'mt5_base', ...),
   with T5Config fields overridden, or only fields."""
   if architecture is None and not overrides:
-    return ModelSpec(None, vocabulary)
+    return GinModel(None, vocabulary)
   if architecture is None:
     config = T5Config(**overrides)
   else:
     config = model_config_lib.preset(architecture, **overrides)
-  return ModelSpec(config, vocabulary)
+  return GinModel(config, vocabulary)
 
 
 @gin.configurable
@@ -121,7 +122,7 @@ def infer(*,  # pylint: disable=invalid-name
           lock_startup_seconds: float = 3600.0,
           wait_until_finish: bool = True) -> InferConfig:
   """Collects the run's settings (bound by runs/infer.gin) into InferConfig."""
-  spec = model if isinstance(model, ModelSpec) else ModelSpec(None, None)
+  gin_model = model if isinstance(model, GinModel) else GinModel(None, None)
   checkpoint = restore_checkpoint_cfg.path
   if '://' not in checkpoint:
     checkpoint = os.path.abspath(checkpoint)
@@ -139,32 +140,34 @@ def infer(*,  # pylint: disable=invalid-name
   task_name = dataset_cfg.mixture_or_task_name
   if file_task is not None:
     task_name = file_task.task_name
-  return InferConfig(
-      mixture_or_task_name=task_name,
-      task_feature_lengths=dict(dataset_cfg.task_feature_lengths),
+  spec = ModelSpec(
       checkpoint_path=checkpoint,
-      output_dir=output,
-      mixture_or_task_module=dataset_cfg.module,
-      split=dataset_cfg.split,
-      mode=mode,
+      task_feature_lengths=dict(dataset_cfg.task_feature_lengths),
+      model_config=gin_model.config,
       batch_size=dataset_cfg.batch_size,
-      checkpoint_period=checkpoint_period,
-      num_input_shards=num_input_shards,
-      num_output_shards=num_output_shards,
-      model_config=spec.config,
       restore_dtype=(restore_checkpoint_cfg.dtype or
                      model_config_lib.DEFAULT_RESTORE_DTYPE),
       activation_dtype=activation_dtype,
+      mode=mode,
+      decoding=decoding,
       output_ids=output_ids,
-      include_all_inputs=include_all_inputs,
       return_intermediates=return_intermediates,
+      seed=seed)
+  return InferConfig(
+      mixture_or_task_name=task_name,
+      output_dir=output,
+      model=spec,
+      mixture_or_task_module=dataset_cfg.module,
+      split=dataset_cfg.split,
+      checkpoint_period=checkpoint_period,
+      num_input_shards=num_input_shards,
+      num_output_shards=num_output_shards,
+      include_all_inputs=include_all_inputs,
       input_fields_to_include=(tuple(input_fields_to_include)
                                if input_fields_to_include is not None
                                else None),
       overwrite=overwrite,
       file_task=file_task,
-      decoding=decoding,
-      seed=seed,
       lock_expiry_seconds=lock_expiry_seconds,
       lock_startup_seconds=lock_startup_seconds,
       wait_until_finish=wait_until_finish)
@@ -176,7 +179,7 @@ def FileTask(file_patterns=gin.REQUIRED,  # pylint: disable=invalid-name
              targets_key: Optional[str] = None,
              model: Any = None) -> FileTaskSpec:
   """Input files read as a task, tokenized with the model's vocabulary."""
-  vocabulary = model.vocabulary if isinstance(model, ModelSpec) else None
+  vocabulary = model.vocabulary if isinstance(model, GinModel) else None
   if vocabulary is None:
     raise ValueError('runs/infer_from_files.gin tokenizes with the model\'s '
                      'VOCABULARY: include a model Gin file that sets it')
@@ -219,4 +222,4 @@ def beam_search(alpha: float = 0.6,
 @gin.configurable(module='t5beam')
 def model_vocabulary(model: Any = None) -> Optional[seqio.Vocabulary]:
   """The vocabulary the model Gin file names (None without one)."""
-  return model.vocabulary if isinstance(model, ModelSpec) else None
+  return model.vocabulary if isinstance(model, GinModel) else None

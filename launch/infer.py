@@ -136,24 +136,16 @@ def build_config():
   return config, vocabulary
 
 
-def check_checkpoint(config):
-  """The checkpoint exists, is readable, and agrees with the model config.
+def check_checkpoint(spec):
+  """The checkpoint exists, is readable, and agrees with the model spec.
 
-  Returns the architecture (from the model config or the checkpoint)."""
+  Returns the architecture (from the model spec or the checkpoint)."""
   from model import checkpoints  # pylint: disable=g-import-not-at-top
   try:
-    stored = checkpoints.read_config(config.checkpoint_path)
-    if config.model_config is not None and stored is not None:
-      checkpoints.check_architecture(config.checkpoint_path,
-                                     config.model_config, stored)
+    return checkpoints.resolve_architecture(spec.checkpoint_path,
+                                            spec.model_config)
   except checkpoints.CheckpointError as e:
     raise LaunchError(str(e)) from e
-  architecture = config.model_config or stored
-  if architecture is None:
-    raise LaunchError(
-        f'the architecture of {config.checkpoint_path!r} is unknown: include '
-        "a model Gin file (e.g. 'models/t5_1_1_small.gin')")
-  return architecture
 
 
 def check_vocabularies(tasks, vocabulary):
@@ -186,7 +178,7 @@ def write_run_info(config, architecture):
   from model import files  # pylint: disable=g-import-not-at-top
   files.write_atomically(files.join(config.output_dir, 'config.gin'),
                          gin.operative_config_str().encode('utf-8'))
-  lines = [f'# {config.checkpoint_path}', f'# {architecture}']
+  lines = [f'# {config.model.checkpoint_path}', f'# {architecture}']
   for name, shape in checkpoints.expected_shapes(architecture).items():
     lines.append(f'{name:<70} {shape}')
   lines.append(f'# total parameters: {architecture.num_parameters():,}')
@@ -206,8 +198,10 @@ def pipeline_options(beam_args: Sequence[str]):
 
 
 def prepare(argv: Sequence[str]):
-  """Everything before the pipeline: (config, options). LaunchError on any
-  configuration problem; nothing is written before all checks pass."""
+  """Everything before the pipeline: (run plan, options, architecture).
+  Tasks are resolved, the checkpoint checked and the fingerprint computed
+  here, once. LaunchError on any configuration problem; nothing is written
+  before all checks pass."""
   from pipeline import plan  # pylint: disable=g-import-not-at-top
   gin_files, bindings, search_paths, beam_args = split_flags(argv)
   parse_gin(gin_files, bindings, search_paths)
@@ -217,9 +211,9 @@ def prepare(argv: Sequence[str]):
     tasks = plan.resolve_tasks(config)
   except plan.PlanError as e:
     raise LaunchError(str(e)) from e
-  architecture = check_checkpoint(config)
+  architecture = check_checkpoint(config.model)
   check_vocabularies(tasks, vocabulary)
-  return config, options, architecture, tasks
+  return plan.make_run_plan(config, tasks), options, architecture
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -237,18 +231,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from pipeline.run import run_inference  # pylint: disable=g-import-not-at-top
   started = time.time()
   try:
-    config, options, architecture, tasks = prepare(argv)
+    run_plan, options, architecture = prepare(argv)
   except (LaunchError, plan.PlanError) as e:
     print(f't5beam: error: {e}', file=sys.stderr)
     return 2
+  config = run_plan.config
   runner = options.view_as(StandardOptions).runner or ''
   reporter = None
   if (runner.split('.')[-1] in LOCAL_RUNNERS and '://' not in config.output_dir
       and not options.view_as(TestOptions).dry_run):
-    reporter = progress.ProgressReporter(config, [t.name for t in tasks])
+    reporter = progress.ProgressReporter(config, run_plan.task_names)
   try:
     result = run_inference(
-        config, options,
+        run_plan, options,
         on_claimed=lambda c: _start(c, architecture, reporter))
   except plan.PlanError as e:  # a different run, or a live one, holds the dir
     print(f't5beam: error: {e}', file=sys.stderr)

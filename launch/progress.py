@@ -1,19 +1,13 @@
 """What a person watching a local run sees: a progress line while the
 pipeline runs (chunks done of total, examples/s, ETA), and a summary."""
 
-import json
-import math
-import re
 import sys
 import threading
 import time
 from typing import List
 
 from model import files
-from pipeline import plan
 from pipeline.config import InferConfig
-
-_COUNT_RE = re.compile(r'^count-(\d{5})-of-(\d{5})\.json$')
 
 
 class ProgressReporter:
@@ -22,7 +16,7 @@ class ProgressReporter:
   def __init__(self, config: InferConfig, task_names: List[str],
                interval: float = 2.0, stream=None):
     self._config = config
-    self._layouts = [plan.layout(config, name) for name in task_names]
+    self._layouts = [config.layout(name) for name in task_names]
     self._interval = interval
     self._stream = stream or sys.stderr
     self._stop = threading.Event()
@@ -55,28 +49,20 @@ class ProgressReporter:
 
   def snapshot(self):
     """(chunks done, total chunks or None, examples done, total examples)."""
-    chunk_size = self._config.chunk_size
     done = total = examples_done = examples_total = 0
     known = True
     for task_layout in self._layouts:
-      names = files.list_names(task_layout.chunk_dir)
-      counts = {}
-      num_shards = None
-      for name in names:
-        match = _COUNT_RE.match(name)
-        if match:
-          num_shards = int(match.group(2))
-          counts[int(match.group(1))] = json.loads(files.read_text(
-              files.join(task_layout.chunk_dir, name)))['examples']
+      num_shards, counts = task_layout.shard_counts()
       if num_shards is None or len(counts) < num_shards:
         known = False
         continue
-      for shard, count in counts.items():
-        total += math.ceil(count / chunk_size)
-        examples_total += count
-      for shard, chunk in plan.finished_chunks(task_layout, num_shards):
+      sizes = {shard: task_layout.chunk_sizes(count)
+               for shard, count in counts.items()}
+      total += sum(len(chunks) for chunks in sizes.values())
+      examples_total += sum(counts.values())
+      for shard, chunk in task_layout.finished_chunks(num_shards):
         done += 1
-        examples_done += min(chunk_size, counts[shard] - chunk * chunk_size)
+        examples_done += sizes[shard][chunk]
     return done, (total if known else None), examples_done, examples_total
 
   def line(self) -> str:

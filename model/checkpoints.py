@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from model import files
-from model.config import DEFAULT_RESTORE_DTYPE, T5Config
+from model.config import T5Config
 
 Params = Dict[str, Any]
 
@@ -138,7 +138,7 @@ def read_config(path: str) -> Optional[T5Config]:
 
 
 def load_checkpoint(path: str, config: Optional[T5Config] = None,
-                    dtype: Optional[str] = DEFAULT_RESTORE_DTYPE
+                    dtype: Optional[str] = None
                     ) -> Tuple[T5Config, Params]:
   """Reads the checkpoint at `path` as (config, params).
 
@@ -164,6 +164,23 @@ def load_checkpoint(path: str, config: Optional[T5Config] = None,
     params = cast_params(params, dtype)
     stored_config = stored_config.replace(param_dtype=dtype)
   return stored_config, params
+
+
+def resolve_architecture(path: str, given: Optional[T5Config]) -> T5Config:
+  """The architecture of the checkpoint at `path`: `given` (checked against
+  what the checkpoint stores, if it stores one), else the stored one.
+  CheckpointError when the checkpoint is missing or unreadable, when the two
+  disagree, or when neither says."""
+  stored = read_config(path)
+  if given is not None and stored is not None:
+    check_architecture(path, given, stored)
+  architecture = given or stored
+  if architecture is None:
+    raise CheckpointError(
+        f'the architecture of {path!r} is unknown: include a model Gin file '
+        "(e.g. 'models/t5_1_1_small.gin'), or pass model='t5_1_1_small' (a "
+        'preset name) or a T5Config')
+  return architecture
 
 
 def check_architecture(path: str, given: T5Config, stored: T5Config):

@@ -15,11 +15,12 @@ _DTYPES = ('float32', 'bfloat16', 'float16')
 
 # The dtype parameters are restored in when none is asked for: the one
 # default of Gin's RestoreCheckpointConfig.dtype, the launcher,
-# InferenceModel.load and T5ModelHandler. float32 because it gives the
-# checkpoint's own numbers (the tokens the float32 reference gives) and it is
-# the fast dtype on CPUs, where every user can run; GPU and TPU runs ask for
-# 'bfloat16' (T5X's choice there; launch/dataflow's flag files set it).
-DEFAULT_RESTORE_DTYPE = 'float32'
+# InferenceModel.load and T5ModelHandler. bfloat16, as T5X's inference
+# configs restore: what GPU and TPU runs use (their matrix units run it
+# natively, and it halves parameter memory), so a T5X user's run means the
+# same here. On CPUs ask for 'float32', which XLA's CPU backend runs faster
+# and which gives the checkpoint's float32 numbers.
+DEFAULT_RESTORE_DTYPE = 'bfloat16'
 _FEED_FORWARD = ('relu', 'gated-gelu', 'gated-relu', 'gated-silu')
 
 

@@ -58,12 +58,14 @@ class DecodingConfig:
     return self.strategy == 'temperature_sample' and self.temperature != 0
 
 
-def decode(module: Transformer, variables, encoder_input_tokens, rng, *,
-           max_length: int, eos_id: Optional[int], config: DecodingConfig,
-           return_scores: bool = True, argmax_screen=None):
+def decode(module: Transformer, variables, encoder_input_tokens,
+           example_keys, *, max_length: int, eos_id: Optional[int],
+           config: DecodingConfig, return_scores: bool = True,
+           argmax_screen=None):
   """Decodes by `config`: (tokens [batch, n, L], scores [batch, n]),
-  increasing score; n is num_decodes (1 for greedy). `argmax_screen`: see
-  `greedy_decode`."""
+  increasing score; n is num_decodes (1 for greedy). `example_keys`
+  [batch, 2] uint32: each example's sampling key (used by sampling only).
+  `argmax_screen`: see `greedy_decode`."""
   if config.strategy == 'greedy':
     tokens, scores = greedy_decode(
         module, variables, encoder_input_tokens, max_length, eos_id=eos_id,
@@ -73,7 +75,7 @@ def decode(module: Transformer, variables, encoder_input_tokens, rng, *,
   if config.strategy == 'temperature_sample':
     return temperature_sample(
         module, variables, encoder_input_tokens, max_length, eos_id=eos_id,
-        rng=rng, num_decodes=config.num_decodes,
+        example_keys=example_keys, num_decodes=config.num_decodes,
         temperature=config.temperature, topk=config.topk, topp=config.topp,
         max_steps=config.max_decode_steps)
   return beam_search(module, variables, encoder_input_tokens, max_length,
@@ -226,7 +228,7 @@ def transform_logits(logits: jax.Array, temperature: float, topk: int,
 
 def temperature_sample(module: Transformer, variables,
                        encoder_input_tokens: jax.Array, max_length: int, *,
-                       eos_id: Optional[int], rng: jax.Array,
+                       eos_id: Optional[int], example_keys: jax.Array,
                        num_decodes: int = 1, temperature: float = 1.0,
                        topk: int = 1, topp: float = 0.0,
                        max_steps: Optional[int] = None
@@ -238,12 +240,22 @@ def temperature_sample(module: Transformer, variables,
   Returns (tokens [batch, num_decodes, max_length], scores [batch,
   num_decodes]), each example's decodes sorted by increasing score; the
   scores are log-probabilities under the transformed distribution (T5X's
-  rescale_log_probs). The same rng gives the same samples.
+  rescale_log_probs).
+
+  `example_keys` [batch, 2] uint32 holds one key per example: decode d of
+  an example draws step t's token with fold_in(fold_in(key, d), t), so an
+  example's samples depend on its key alone, never on the batch it is in or
+  its row there.
   """
   if topk and topp:
     raise ValueError(f'temperature_sample: only one of topk ({topk}) and '
                      f'topp ({topp}) may be non-zero')
   batch_size = encoder_input_tokens.shape[0]
+  # Rows are example-major (example i's decodes are rows i*n .. i*n+n-1).
+  row_keys = jax.vmap(jax.random.fold_in)(
+      jnp.repeat(example_keys, num_decodes, axis=0),
+      jnp.tile(jnp.arange(num_decodes, dtype=jnp.uint32), batch_size))
+  fold_step = jax.vmap(jax.random.fold_in, in_axes=(0, None))
 
   def pick(logits, step):
     if temperature == 0:
@@ -252,8 +264,8 @@ def temperature_sample(module: Transformer, variables,
     else:
       log_probs = jax.nn.log_softmax(
           transform_logits(logits, temperature, topk, topp), axis=-1)
-      token = jax.random.categorical(jax.random.fold_in(rng, step),
-                                     log_probs).astype(jnp.int32)
+      token = jax.vmap(jax.random.categorical)(
+          fold_step(row_keys, step), log_probs).astype(jnp.int32)
     return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
 
   tokens, scores = _decode_loop(module, variables, encoder_input_tokens,

@@ -50,8 +50,8 @@ class InferenceModel:
     (cross-attention over the cached keys/values, the argmax over the
     vocabulary, layer norms) during which one core idles; two independent
     halves fill each other's gaps, about 4% more examples/s at batch 128
-    with the same tokens (`bench/nq_small_greedy.py`). Not used for
-    temperature sampling, whose random draws depend on the batch shape.
+    with the same tokens (`bench/nq_small_greedy.py`). Samples are the
+    same too: each example draws from its own key.
 
     `screen_argmax`: greedy decoding without scores finds each step's arg-max
     with a bfloat16 output layer checked against float32 error bounds (the
@@ -118,7 +118,12 @@ class InferenceModel:
     of `decoder_input_tokens` (the targets feature length, as in T5X). With
     `return_scores`, also each decode's log-likelihood (beam search: over
     the brevity penalty). `stop_at_eos=False` decodes exactly `max_length`
-    tokens whatever is produced (for benchmarks). Sampling needs `rng`.
+    tokens whatever is produced (for benchmarks).
+
+    Sampling needs `rng`: either one key per example, [batch, 2] uint32
+    (each example's samples then depend on its key alone, whatever batch or
+    row it is in; the pipeline derives them from each example's identity),
+    or one key (`jax.random.PRNGKey(seed)`), split into a key per row.
     """
     if max_length is None:
       if 'decoder_input_tokens' not in batch:
@@ -126,40 +131,41 @@ class InferenceModel:
                          "'decoder_input_tokens' feature to size the output")
       max_length = batch['decoder_input_tokens'].shape[1]
     config = decoding or decoding_lib.DecodingConfig()
-    if config.needs_rng and rng is None:
-      raise ValueError('temperature sampling needs an rng key')
-    if rng is None:
-      rng = jax.random.PRNGKey(0)
+    encoder_input_tokens = np.asarray(batch['encoder_input_tokens'], np.int32)
+    example_keys = _example_keys(rng, len(encoder_input_tokens),
+                                 config.needs_rng)
     decode = functools.partial(
-        self._decode, self.variables, rng=rng, max_length=max_length,
+        self._decode, self.variables, max_length=max_length,
         eos_id=self.config.eos_id if stop_at_eos else None, config=config,
         return_scores=return_scores or config.strategy != 'greedy',
         argmax_screen=self.argmax_screen)
-    tokens, scores = self._decode_in_halves(
-        decode, np.asarray(batch['encoder_input_tokens'], np.int32),
-        halve=not config.needs_rng)
+    tokens, scores = self._decode_in_halves(decode, encoder_input_tokens,
+                                            example_keys)
     if not config.return_all_decodes:
       tokens, scores = tokens[:, -1], scores[:, -1]
     return (tokens, scores) if return_scores else tokens
 
   def _decode_in_halves(self, decode, encoder_input_tokens: np.ndarray,
-                        halve: bool) -> Tuple[np.ndarray, np.ndarray]:
-    """decode(encoder_input_tokens) as numpy, in two concurrent halves when
-    that is on and the batch is big and even (one compiled shape)."""
-    def decode_to_numpy(tokens):
-      return tuple(np.asarray(x) for x in decode(tokens))
+                        example_keys: np.ndarray
+                        ) -> Tuple[np.ndarray, np.ndarray]:
+    """decode(encoder_input_tokens, example_keys) as numpy, in two
+    concurrent halves when that is on and the batch is big and even (one
+    compiled shape)."""
+    def decode_to_numpy(tokens_and_keys):
+      return tuple(np.asarray(x) for x in decode(*tokens_and_keys))
 
     size = encoder_input_tokens.shape[0]
-    if not (halve and self.concurrent_halves and size % 2 == 0 and
+    if not (self.concurrent_halves and size % 2 == 0 and
             size >= _MIN_EXAMPLES_TO_HALVE):
-      return decode_to_numpy(encoder_input_tokens)
+      return decode_to_numpy((encoder_input_tokens, example_keys))
     if self._halves_pool is None:
       self._halves_pool = concurrent.futures.ThreadPoolExecutor(
           2, thread_name_prefix='t5beam-decode')
     # Each thread waits for its own result, so the two XLA executions run
     # side by side (JAX releases the GIL while waiting).
-    halves = self._halves_pool.map(decode_to_numpy,
-                                   np.split(encoder_input_tokens, 2))
+    halves = self._halves_pool.map(
+        decode_to_numpy, zip(np.split(encoder_input_tokens, 2),
+                             np.split(example_keys, 2)))
     first, second = list(halves)
     return tuple(np.concatenate(pair) for pair in zip(first, second))
 
@@ -180,3 +186,21 @@ class InferenceModel:
         np.asarray(weights)))
     scores = token_scores.sum(axis=-1)
     return (scores, token_scores) if return_token_scores else scores
+
+
+def _example_keys(rng: Optional[jax.Array], batch_size: int,
+                  needed: bool) -> np.ndarray:
+  """[batch, 2] uint32 sampling keys from `rng` (one key, or one per
+  example); zeros when decoding draws nothing."""
+  if rng is None:
+    if needed:
+      raise ValueError('temperature sampling needs an rng key: one key, or '
+                       'one per example ([batch, 2] uint32)')
+    return np.zeros((batch_size, 2), np.uint32)
+  keys = np.asarray(rng)
+  if keys.shape == (2,):
+    return np.asarray(jax.random.split(rng, batch_size))
+  if keys.shape != (batch_size, 2):
+    raise ValueError(f'rng has shape {keys.shape}; give one key (2,) or one '
+                     f'per example ({batch_size}, 2)')
+  return keys.astype(np.uint32)

@@ -1,33 +1,25 @@
-"""Planning on the launcher: which tasks, how many input shards, where every
-file goes, and what an earlier run already finished in the output directory.
-
-Layout of INFER_OUTPUT_DIR (one set per task; a Mixture gives one per
-sub-task):
-
-    t5beam-run.json                          the run's fingerprint, first
-    tmp-{task}-{mode}/chunk-{S}-of-{N}-{C}.jsonl   finished chunks
-    tmp-{task}-{mode}/count-{S}-of-{N}.json        examples per input shard
-    {task}-{mode}.jsonl-{i:05d}-of-{n:05d}   merged records, input order
-    {task}-{mode}.manifest.json              counts, checksums, fingerprint
-    {task}-{mode}.jsonl-{i:05d}-of-{n:05d}.COMPLETED   markers, last
+"""Planning on the launcher, once per launch: which tasks, how many input
+shards each, the run's fingerprint, and what an earlier run already finished
+in the output directory. The result is one `RunPlan` that the pipeline
+takes; file names come from `pipeline.layout`.
 """
 
 import dataclasses
 import datetime
 import difflib
+import hashlib
 import importlib
 import json
 import logging
 import re
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import seqio
 
 from model import files
-from pipeline.config import InferConfig
-
-RUN_FILE = 't5beam-run.json'
-_CHUNK_RE = re.compile(r'^chunk-(\d{5})-of-(\d{5})-(\d{5})\.jsonl$')
+from pipeline import layout as layout_lib
+from pipeline.config import FINGERPRINT_VERSION, InferConfig
+from pipeline.layout import TaskLayout
 
 
 class PlanError(ValueError):
@@ -35,45 +27,66 @@ class PlanError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskLayout:
-  """File names of one task's outputs under the output directory."""
-  output_dir: str
-  task: str
-  mode: str
-  num_output_shards: int
+class TaskPlan:
+  """One task of the run: its input shards, and the (input shard, chunk)
+  pairs whose chunk files an earlier run already wrote."""
+  name: str
+  num_shards: int
+  finished: frozenset = frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """The validated run: the config, every task (resolved once), and the
+  fingerprint (computed once) that the output directory, the manifests and
+  the workers' model cache all carry."""
+  config: InferConfig
+  tasks: Tuple[TaskPlan, ...]
+  fingerprint: str
+  settings: Dict[str, Any]
 
   @property
-  def stem(self) -> str:
-    return f'{self.task}-{self.mode}'
+  def task_names(self) -> List[str]:
+    return [t.name for t in self.tasks]
 
-  @property
-  def chunk_dir(self) -> str:
-    return files.join(self.output_dir, f'tmp-{self.stem}')
+  def layout(self, task_name: str) -> TaskLayout:
+    return self.config.layout(task_name)
 
-  def chunk_name(self, shard: int, num_shards: int, chunk: int) -> str:
-    return f'chunk-{shard:05d}-of-{num_shards:05d}-{chunk:05d}.jsonl'
 
-  def chunk_path(self, shard: int, num_shards: int, chunk: int) -> str:
-    return files.join(self.chunk_dir, self.chunk_name(shard, num_shards, chunk))
+def fingerprint(settings: Dict[str, Any]) -> str:
+  encoded = json.dumps(settings, sort_keys=True, default=str).encode()
+  return hashlib.sha256(encoded).hexdigest()[:16]
 
-  def count_path(self, shard: int, num_shards: int) -> str:
-    """Written by the reader: the number of examples in one input shard."""
-    return files.join(self.chunk_dir,
-                      f'count-{shard:05d}-of-{num_shards:05d}.json')
 
-  def output_name(self, index: int) -> str:
-    return (f'{self.stem}.jsonl-{index:05d}-of-'
-            f'{self.num_output_shards:05d}')
+def make_run_plan(config: InferConfig,
+                  tasks: Optional[Sequence[seqio.Task]] = None) -> RunPlan:
+  """The plan of `config`; `tasks` are its resolved tasks when the caller
+  has them already (the launcher resolves them once, to check them)."""
+  if tasks is None:
+    tasks = resolve_tasks(config)
+  settings = config.fingerprint_fields()
+  return RunPlan(config,
+                 tuple(TaskPlan(t.name, num_input_shards(t, config))
+                       for t in tasks),
+                 fingerprint(settings), settings)
 
-  def output_path(self, index: int) -> str:
-    return files.join(self.output_dir, self.output_name(index))
 
-  def marker_path(self, index: int) -> str:
-    return self.output_path(index) + '.COMPLETED'
-
-  @property
-  def manifest_path(self) -> str:
-    return files.join(self.output_dir, f'{self.stem}.manifest.json')
+def pending_tasks(run_plan: RunPlan) -> List[TaskPlan]:
+  """The tasks still to finish, each with its finished chunks (one listing
+  of its chunk directory)."""
+  pending = []
+  for task in run_plan.tasks:
+    task_layout = run_plan.layout(task.name)
+    if is_task_complete(task_layout, run_plan.fingerprint):
+      logging.info('t5beam: %s is already complete in %s', task.name,
+                   run_plan.config.output_dir)
+      continue
+    finished = frozenset(task_layout.finished_chunks(task.num_shards))
+    if finished:
+      logging.info('t5beam: %s: resuming, %d chunk(s) already finished',
+                   task.name, len(finished))
+    pending.append(dataclasses.replace(task, finished=finished))
+  return pending
 
 
 def import_task_module(module: Optional[str]):
@@ -167,56 +180,48 @@ def expand_output_dir(output_dir: str, checkpoint_path: str,
   return _PLACEHOLDER.sub(fill, output_dir)
 
 
-def layout(config: InferConfig, task_name: str) -> TaskLayout:
-  return TaskLayout(config.output_dir, task_name, config.mode,
-                    config.num_output_shards)
-
-
-def finished_chunks(task_layout: TaskLayout,
-                    num_shards: int) -> Set[Tuple[int, int]]:
-  """(input shard, chunk) of every complete chunk file already written."""
-  done = set()
-  for name in files.list_names(task_layout.chunk_dir):
-    match = _CHUNK_RE.match(name)
-    if match and int(match.group(2)) == num_shards:
-      done.add((int(match.group(1)), int(match.group(3))))
-  return done
-
-
 def is_task_complete(task_layout: TaskLayout, fingerprint: str) -> bool:
   if not files.exists(task_layout.manifest_path):
     return False
-  manifest = json.loads(files.read_text(task_layout.manifest_path))
+  manifest = files.read_json(task_layout.manifest_path)
   if manifest.get('fingerprint') != fingerprint:
     return False
   return all(files.exists(task_layout.marker_path(i))
              for i in range(task_layout.num_output_shards))
 
 
-def claim_output_dir(config: InferConfig, task_names: List[str]) -> Dict:
+def claim_output_dir(run_plan: RunPlan) -> Dict:
   """Checks the output directory against this run and records the run.
 
   Returns the run record. Raises PlanError when the directory holds a
-  different run (unless `config.overwrite`, which clears that run's files).
+  different run, or one written by another version of t5beam's outputs
+  (unless `overwrite`, which clears that run's files).
   """
-  record = {'fingerprint': config.fingerprint(),
-            'settings': config.fingerprint_fields(),
-            'tasks': task_names}
-  run_path = files.join(config.output_dir, RUN_FILE)
+  config = run_plan.config
+  record = {'fingerprint': run_plan.fingerprint,
+            'settings': run_plan.settings,
+            'tasks': run_plan.task_names}
+  run_path = layout_lib.run_file(config.output_dir)
   if files.exists(run_path):
-    existing = json.loads(files.read_text(run_path))
+    existing = files.read_json(run_path)
     if existing.get('fingerprint') != record['fingerprint']:
+      old_settings = existing.get('settings', {})
+      version = old_settings.get('fingerprint_version', 1)
+      if version != FINGERPRINT_VERSION:
+        what = (f'output written by another t5beam version (fingerprint '
+                f'version {version}; this t5beam writes version '
+                f'{FINGERPRINT_VERSION}, whose outputs differ for the same '
+                'settings)')
+      else:
+        what = (f'a different run '
+                f'({_differences(old_settings, record["settings"])})')
       if not config.overwrite:
-        differences = _differences(existing.get('settings', {}),
-                                   record['settings'])
         raise PlanError(
-            f'INFER_OUTPUT_DIR {config.output_dir!r} holds a different run '
-            f'({differences}); use a new output directory, or set '
-            'infer.overwrite=True to replace it')
-      logging.warning('Overwriting the run in %s (%s)', config.output_dir,
-                      _differences(existing.get('settings', {}),
-                                   record['settings']))
-      _clear_run(config.output_dir, existing)
+            f'INFER_OUTPUT_DIR {config.output_dir!r} holds {what}; use a new '
+            'output directory, or set infer.overwrite=True to replace it')
+      logging.warning('Overwriting the run in %s: it holds %s',
+                      config.output_dir, what)
+      _clear_run(config, existing)
   files.makedirs(config.output_dir)
   files.write_atomically(run_path, json.dumps(record, indent=2,
                                               sort_keys=True).encode())
@@ -230,10 +235,11 @@ def _differences(old: Dict, new: Dict) -> str:
   return '; '.join(changed) or 'unknown settings'
 
 
-def _clear_run(output_dir: str, existing: Dict):
+def _clear_run(config: InferConfig, existing: Dict):
+  """Removes the files of the run `existing` (its run record) describes."""
   mode = existing.get('settings', {}).get('mode', '')
-  for task in existing.get('tasks', []):
-    stem = f'{task}-{mode}'
-    for name in files.list_names(output_dir):
-      if name == f'tmp-{stem}' or name.startswith(f'{stem}.'):
-        files.remove(files.join(output_dir, name))
+  layouts = [TaskLayout(config.output_dir, task, mode, 1, 1)
+             for task in existing.get('tasks', [])]
+  for name in files.list_names(config.output_dir):
+    if any(task_layout.owns(name) for task_layout in layouts):
+      files.remove(files.join(config.output_dir, name))

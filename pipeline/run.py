@@ -2,6 +2,10 @@
 
     result = run_inference(config, PipelineOptions(['--runner=FnApiRunner']))
 
+`run_inference` takes an InferConfig, or the RunPlan the launcher made of
+one (tasks resolved and fingerprint computed once, before any worker
+starts).
+
 Rerunning with the same config resumes: finished chunks are not inferred
 again; a finished output returns at once without loading the model or
 taking the output directory's lock. A run refuses to start while another
@@ -9,10 +13,9 @@ live run holds that lock (pipeline.lock).
 """
 
 import dataclasses
-import json
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -20,8 +23,10 @@ from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.options.pipeline_options import TestOptions
 
 from model import files
-from pipeline import lock, plan, transforms
+from pipeline import lock, plan
 from pipeline.config import InferConfig
+from pipeline.infer_and_write import InferAndWrite
+from pipeline.read import NAMESPACE
 
 
 @dataclasses.dataclass
@@ -36,25 +41,6 @@ class RunResult:
   # The runner's result; for 'dry_run', Dataflow's (its `job` is the job
   # description) or, on other runners, the pipeline proto.
   beam_result: Any = None
-
-
-def plan_tasks(config: InferConfig) -> List[transforms.TaskPlan]:
-  """The tasks still to finish, with their input shards and finished chunks."""
-  task_plans = []
-  fingerprint = config.fingerprint()
-  for task in plan.resolve_tasks(config):
-    task_layout = plan.layout(config, task.name)
-    if plan.is_task_complete(task_layout, fingerprint):
-      logging.info('t5beam: %s is already complete in %s', task.name,
-                   config.output_dir)
-      continue
-    num_shards = plan.num_input_shards(task, config)
-    finished = frozenset(plan.finished_chunks(task_layout, num_shards))
-    if finished:
-      logging.info('t5beam: %s: resuming, %d chunk(s) already finished',
-                   task.name, len(finished))
-    task_plans.append(transforms.TaskPlan(task.name, num_shards, finished))
-  return task_plans
 
 
 def _is_dataflow(options: PipelineOptions) -> bool:
@@ -72,11 +58,11 @@ def _lock_ref(config: InferConfig, options: PipelineOptions, owner: str,
       startup_seconds=config.lock_startup_seconds)
 
 
-def run_inference(config: InferConfig,
+def run_inference(run: Union[InferConfig, plan.RunPlan],
                   options: Optional[PipelineOptions] = None,
                   on_claimed: Optional[Callable[[InferConfig], None]] = None
                   ) -> RunResult:
-  """Runs (or resumes, or confirms) the inference `config` describes.
+  """Runs (or resumes, or confirms) the inference `run` describes.
 
   `on_claimed` runs once this run holds the output directory (the launcher
   writes config.gin there). With Beam's `--dry_run=True` nothing is written:
@@ -85,11 +71,12 @@ def run_inference(config: InferConfig,
   """
   started_at = time.time()
   options = options or PipelineOptions()
-  task_names = [t.name for t in plan.resolve_tasks(config)]
+  run_plan = run if isinstance(run, plan.RunPlan) else plan.make_run_plan(run)
+  config = run_plan.config
+  task_names = run_plan.task_names
   if options.view_as(TestOptions).dry_run:
-    return _dry_run(config, options, task_names, started_at)
-  fingerprint = config.fingerprint()
-  if all(plan.is_task_complete(plan.layout(config, name), fingerprint)
+    return _dry_run(run_plan, options, started_at)
+  if all(plan.is_task_complete(run_plan.layout(name), run_plan.fingerprint)
          for name in task_names):
     logging.info('t5beam: every output in %s is already complete; nothing '
                  'to do', config.output_dir)
@@ -104,21 +91,21 @@ def run_inference(config: InferConfig,
   job_holds_lock = lock_ref.release_at_end
   generation = lock.acquire(
       config.output_dir, lock_ref.owner, lock_ref.startup_expiry_seconds,
-      description=f'{config.mixture_or_task_name} {config.mode}',
+      description=f'{config.mixture_or_task_name} {config.model.mode}',
       bound_to_process=not job_holds_lock)
   lock_ref = dataclasses.replace(lock_ref, generation=generation)
   release = True
   try:
-    plan.claim_output_dir(config, task_names)
+    plan.claim_output_dir(run_plan)
     if on_claimed is not None:
       on_claimed(config)
-    task_plans = plan_tasks(config)
-    if not task_plans:
+    pending = plan.pending_tasks(run_plan)
+    if not pending:
       return RunResult('already_complete', task_names,
                        wall_seconds=time.time() - started_at)
     pipeline = beam.Pipeline(options=options)
-    _ = pipeline | 'T5Inference' >> transforms.InferAndWrite(
-        config, task_plans, started_at, lock_ref)
+    _ = pipeline | 'T5Inference' >> InferAndWrite(run_plan, pending,
+                                                  started_at, lock_ref)
     with lock.Heartbeat(lock_ref):
       beam_result = pipeline.run()
       if not config.wait_until_finish:
@@ -136,29 +123,26 @@ def run_inference(config: InferConfig,
       lock.release(config.output_dir, lock_ref.owner, generation)
   counters = {}
   for counter in beam_result.metrics().query()['counters']:
-    if counter.key.metric.namespace == transforms.NAMESPACE:
+    if counter.key.metric.namespace == NAMESPACE:
       name = counter.key.metric.name
       counters[name] = counters.get(name, 0) + counter.committed
-  manifests = {}
-  for name in task_names:
-    manifest_path = plan.layout(config, name).manifest_path
-    manifests[name] = json.loads(files.read_text(manifest_path))
+  manifests = {name: files.read_json(run_plan.layout(name).manifest_path)
+               for name in task_names}
   return RunResult('completed', task_names, counters, manifests,
                    time.time() - started_at, beam_result)
 
 
-def _dry_run(config: InferConfig, options: PipelineOptions,
-             task_names: List[str], started_at: float) -> RunResult:
+def _dry_run(run_plan: plan.RunPlan, options: PipelineOptions,
+             started_at: float) -> RunResult:
   """Builds the whole pipeline from a read-only plan; writes nothing."""
-  task_plans = plan_tasks(config)
   pipeline = beam.Pipeline(options=options)
-  _ = pipeline | 'T5Inference' >> transforms.InferAndWrite(
-      config, task_plans, started_at,
-      _lock_ref(config, options, 'dry-run', 0))
+  _ = pipeline | 'T5Inference' >> InferAndWrite(
+      run_plan, plan.pending_tasks(run_plan), started_at,
+      _lock_ref(run_plan.config, options, 'dry-run', 0))
   # Dataflow's runner honours --dry_run (it stops before staging and
   # submitting); for the others, translating the graph is the check.
   beam_result = (pipeline.run() if _is_dataflow(options) else
                  pipeline.to_runner_api())
-  return RunResult('dry_run', task_names,
+  return RunResult('dry_run', run_plan.task_names,
                    wall_seconds=time.time() - started_at,
                    beam_result=beam_result)

@@ -59,6 +59,19 @@ def small_environment(tmp_path_factory):
   return {'checkpoint': checkpoint, 'tmp': tmp_path_factory}
 
 
+def infer_config(**settings):
+  """An InferConfig from flat settings: the model's (ModelSpec fields) and
+  the run's. Parameters are restored in float32 unless said otherwise."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from pipeline.config import InferConfig  # pylint: disable=g-import-not-at-top
+  from pipeline.inference import ModelSpec  # pylint: disable=g-import-not-at-top
+  spec_fields = {f.name for f in dataclasses.fields(ModelSpec)}
+  spec = {'restore_dtype': 'float32'}
+  spec.update({k: settings.pop(k) for k in list(settings)
+               if k in spec_fields})
+  return InferConfig(model=ModelSpec(**spec), **settings)
+
+
 def read_records(path: str):
   with open(path, encoding='utf-8') as f:
     return [json.loads(line) for line in f]

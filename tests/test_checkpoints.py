@@ -61,8 +61,8 @@ def test_sharded_safetensors_give_identical_predictions(reference_model,
   index = json.loads((sharded / 'model.safetensors.index.json').read_text())
   assert len(set(index['weight_map'].values())) > 1
   assert not (sharded / 'model.safetensors').exists()
-  single = _predict(InferenceModel.load(hf_dir), encoder_tokens)
-  multi = _predict(InferenceModel.load(str(sharded)), encoder_tokens)
+  single = _predict(InferenceModel.load(hf_dir, dtype='float32'), encoder_tokens)
+  multi = _predict(InferenceModel.load(str(sharded), dtype='float32'), encoder_tokens)
   np.testing.assert_array_equal(single[0], multi[0])
   np.testing.assert_array_equal(single[1], multi[1])
 
@@ -80,7 +80,7 @@ def test_orbax_round_trip_gives_identical_predictions(hf_dir, tmp_path,
   for name in flat:
     np.testing.assert_array_equal(flat[name], restored_flat[name])
   before = _predict(InferenceModel(config, params), encoder_tokens)
-  after = _predict(InferenceModel.load(str(tmp_path / 'ckpt')),
+  after = _predict(InferenceModel.load(str(tmp_path / 'ckpt'), dtype='float32'),
                    encoder_tokens)
   np.testing.assert_array_equal(before[0], after[0])
   np.testing.assert_array_equal(before[1], after[1])
@@ -157,7 +157,7 @@ def test_mesh_tensorflow_checkpoint_gives_identical_predictions(
   assert checkpoints.detect_format(str(tmp_path)) == 'tensorflow'
   expected = _predict(InferenceModel(config, params), encoder_tokens)
   for path in (saved, str(tmp_path)):  # the prefix, or its directory
-    actual = _predict(InferenceModel.load(path, config=config),
+    actual = _predict(InferenceModel.load(path, config=config, dtype='float32'),
                       encoder_tokens)
     np.testing.assert_array_equal(actual[0], expected[0])
     np.testing.assert_array_equal(actual[1], expected[1])
@@ -197,7 +197,7 @@ def test_t5x_checkpoint_gives_identical_predictions(hf_dir, tmp_path,
                                inline=('encoder/encoder_norm/scale',))
   assert checkpoints.detect_format(directory) == 't5x'
   expected = _predict(InferenceModel(config, params), encoder_tokens)
-  actual = _predict(InferenceModel.load(directory, config=config),
+  actual = _predict(InferenceModel.load(directory, config=config, dtype='float32'),
                     encoder_tokens)
   np.testing.assert_array_equal(actual[0], expected[0])
   np.testing.assert_array_equal(actual[1], expected[1])
@@ -224,7 +224,7 @@ def test_every_format_gives_the_same_predictions(reference_model, hf_dir,
   tensorflow = writers.write_tensorflow_checkpoint(
       str(tmp_path / 'tf' / 'model.ckpt'),
       writers.mesh_tensorflow_variables(config, params))
-  results = [_predict(InferenceModel.load(path, config=config),
+  results = [_predict(InferenceModel.load(path, config=config, dtype='float32'),
                       encoder_tokens)
              for path in (hf_dir, sharded, orbax, t5x, t5x_orbax, tensorflow)]
   for tokens, scores in results[1:]:
@@ -240,7 +240,7 @@ def test_t5x_orbax_checkpoint_gives_identical_predictions(hf_dir, tmp_path,
   expected = _predict(InferenceModel(config, params), encoder_tokens)
   for where in (path, os.path.join(path, 'state')):
     assert checkpoints.detect_format(where) == 'orbax'
-    actual = _predict(InferenceModel.load(where, config=config),
+    actual = _predict(InferenceModel.load(where, config=config, dtype='float32'),
                       encoder_tokens)
     np.testing.assert_array_equal(actual[0], expected[0])
     np.testing.assert_array_equal(actual[1], expected[1])

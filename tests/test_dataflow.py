@@ -141,7 +141,7 @@ def test_dry_run_builds_the_dataflow_job_offline(
   assert report['threads'] == 1
   assert 'no_use_multiple_sdk_containers' in report['experiments']
   # setup.py packaged t5beam with its Gin files and the user's task module.
-  for name in ('model/network.py', 'pipeline/transforms.py',
+  for name in ('model/network.py', 'pipeline/infer_and_write.py',
                'launch/infer.py', 'launch/configs/runs/infer.gin',
                'launch/demo/tasks.py', 'my_tasks/__init__.py'):
     assert name in report['sdist'], name
@@ -209,10 +209,11 @@ def test_flex_template_parameters_launch_a_scheduled_run(tmp_path):
   }
   argv = [f'--{k}={v}' for k, v in values.items()] + ['--runner=FnApiRunner']
   # Every parameter reaches the run's configuration.
-  config, _, _, _ = infer.prepare(flex_template.to_launch_argv(argv))
-  assert config.checkpoint_path == str(train / 'checkpoint_4000')
+  run_plan, _, _ = infer.prepare(flex_template.to_launch_argv(argv))
+  config = run_plan.config
+  assert config.model.checkpoint_path == str(train / 'checkpoint_4000')
   assert config.task_feature_lengths == {'inputs': 16, 'targets': 8}
-  assert config.batch_size == 50 and config.num_output_shards == 2
+  assert config.model.batch_size == 50 and config.num_output_shards == 2
   assert config.lock_startup_seconds == 1800.0
   assert config.wait_until_finish is False
   today = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')

@@ -43,9 +43,9 @@ for local, remote in ((os.environ['LOCAL_DATA'], data),
   if remote.startswith('gs://') and not fs.exists(remote):
     fs.put(local, remote, recursive=True)
 os.environ['T5BEAM_TEST_DATA'] = data  # read by tests.tasks at import
-from pipeline.config import InferConfig
 from pipeline.run import run_inference
-config = InferConfig(
+from tests.pipeline_helpers import infer_config
+config = infer_config(
     mixture_or_task_name='t5beam_test_two_files',
     task_feature_lengths={'inputs': 24, 'targets': 8},
     checkpoint_path=checkpoint, output_dir=output,
@@ -116,7 +116,7 @@ for name in json.loads(sys.argv[4]):
   results = []
   for root in (local_root, 'gs://t5beam-test/formats'):
     path = root + '/' + name
-    model = InferenceModel.load(path, config=config)
+    model = InferenceModel.load(path, config=config, dtype='float32')
     predicted, scores = model.predict_batch(
         {'encoder_input_tokens': tokens}, max_length=10, return_scores=True)
     results.append((np.asarray(predicted), np.asarray(scores),

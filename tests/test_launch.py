@@ -180,13 +180,11 @@ def test_output_dir_holding_a_different_run(env, tmp_path):
 def test_progress_line_counts_chunks_and_examples(tmp_path):
   from launch import progress  # pylint: disable=g-import-not-at-top
   from model import files  # pylint: disable=g-import-not-at-top
-  from pipeline import plan  # pylint: disable=g-import-not-at-top
-  from pipeline.config import InferConfig  # pylint: disable=g-import-not-at-top
-  config = InferConfig(mixture_or_task_name='t', checkpoint_path='c',
-                       task_feature_lengths={'inputs': 4, 'targets': 4},
-                       output_dir=str(tmp_path), batch_size=2,
-                       checkpoint_period=5)
-  layout = plan.layout(config, 't')
+  config = helpers.infer_config(
+      mixture_or_task_name='t', checkpoint_path='c',
+      task_feature_lengths={'inputs': 4, 'targets': 4},
+      output_dir=str(tmp_path), batch_size=2, checkpoint_period=5)
+  layout = config.layout('t')
   reporter = progress.ProgressReporter(config, ['t'])
   assert 'reading' in reporter.line()
   for shard, count in ((0, 25), (1, 7)):  # 3 + 1 chunks of 10

@@ -54,7 +54,7 @@ def _make_pair(name, tmp_path_factory):
     path = tmp_path_factory.mktemp(name)
     hf.save_pretrained(path)
     _PATHS[name] = str(path)
-    _PAIRS[name] = (hf, InferenceModel.load(str(path)), config, name)
+    _PAIRS[name] = (hf, InferenceModel.load(str(path), dtype='float32'), config, name)
   return _PAIRS[name]
 
 
@@ -121,7 +121,7 @@ def test_screened_greedy_decodes_are_token_identical(pair, inputs):
   # on CPUs with bfloat16 dot instructions), forced on for these models.
   hf, _, _, name = pair
   encoder, _, _ = inputs
-  screened = InferenceModel.load(_PATHS[name], screen_argmax=True)
+  screened = InferenceModel.load(_PATHS[name], screen_argmax=True, dtype='float32')
   assert screened.argmax_screen is not None
   _assert_token_identical(
       screened.predict_batch({'encoder_input_tokens': encoder},

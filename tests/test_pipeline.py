@@ -27,7 +27,6 @@ def env(tmp_path_factory):
 
 
 def make_config(env, output_dir, **overrides):
-  from pipeline.config import InferConfig  # pylint: disable=g-import-not-at-top
   settings = dict(mixture_or_task_name=TWO_FILES,
                   task_feature_lengths={'inputs': 24, 'targets': 8},
                   checkpoint_path=env['checkpoint'],
@@ -35,7 +34,7 @@ def make_config(env, output_dir, **overrides):
                   mixture_or_task_module='tests.tasks', batch_size=4,
                   checkpoint_period=2)
   settings.update(overrides)
-  return InferConfig(**settings)
+  return helpers.infer_config(**settings)
 
 
 def run(config, options=IN_MEMORY):
@@ -83,7 +82,7 @@ def test_records_follow_input_order_and_match_predict_batch(env,
       expected_inputs)
   assert expected_inputs[0].startswith('first file 0')
   assert expected_inputs[21].startswith('second file 0')
-  model = InferenceModel.load(env['checkpoint'])
+  model = InferenceModel.load(env['checkpoint'], dtype='float32')
   batch = {k: np.stack([ex[k] for ex in model_batches])
            for k in model_batches[0]}
   tokens = model.predict_batch(batch)
@@ -178,10 +177,10 @@ def test_empty_split_gives_an_empty_output_with_a_warning(env, caplog):
 
 def test_a_fault_retried_by_beam_loses_and_duplicates_nothing(
     env, reference_run, tmp_path, monkeypatch):
-  from pipeline import transforms  # pylint: disable=g-import-not-at-top
+  from pipeline import infer_chunks  # pylint: disable=g-import-not-at-top
   reference_dir, _ = reference_run
   marker = tmp_path / 'fault-fired'
-  monkeypatch.setenv(transforms.FAULT_ONCE_ENV,
+  monkeypatch.setenv(infer_chunks.FAULT_ONCE_ENV,
                      f'{TWO_FILES}:0:1={marker}')
   output = tmp_path / 'out'
   result = run(make_config(env, output), ['--runner=BundleBasedDirectRunner'])
@@ -197,19 +196,19 @@ def test_killed_run_resumes_to_identical_files_inferring_only_the_rest(
   output = tmp_path / 'out'
   config = make_config(env, output, batch_size=1, checkpoint_period=2)
   command = helpers.run_script_command(config, IN_MEMORY, tmp_path)
-  chunk_dir = plan.layout(config, TWO_FILES).chunk_dir
+  chunk_dir = config.layout(TWO_FILES).chunk_dir
   child = subprocess.Popen(command, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 300
     finished = set()
     while time.time() < deadline and not finished:
-      finished = plan.finished_chunks(plan.layout(config, TWO_FILES), 2)
+      finished = config.layout(TWO_FILES).finished_chunks(2)
       time.sleep(0.005)
   finally:
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
-  finished = plan.finished_chunks(plan.layout(config, TWO_FILES), 2)
+  finished = config.layout(TWO_FILES).finished_chunks(2)
   total_chunks = 11 + 7  # 21 and 13 examples, 2 per chunk
   assert 1 <= len(finished) < total_chunks, (
       f'the kill came too late to test resuming: {len(finished)} chunks')
@@ -250,14 +249,14 @@ def test_samples_are_all_decodes_sorted_with_their_scores(sampling_run):
 
 def test_samples_do_not_depend_on_workers_or_retries(env, sampling_run,
                                                      tmp_path, monkeypatch):
-  from pipeline import transforms  # pylint: disable=g-import-not-at-top
+  from pipeline import infer_chunks  # pylint: disable=g-import-not-at-top
   expected = helpers.output_files(sampling_run)
   multi = tmp_path / 'multi'
   run(make_config(env, multi, mode='predict_with_aux', decoding=_sampling()),
       MULTI_PROCESS)
   assert helpers.output_files(multi) == expected
   marker = tmp_path / 'fault-fired'
-  monkeypatch.setenv(transforms.FAULT_ONCE_ENV, f'{TWO_FILES}:1:0={marker}')
+  monkeypatch.setenv(infer_chunks.FAULT_ONCE_ENV, f'{TWO_FILES}:1:0={marker}')
   retried = tmp_path / 'retried'
   run(make_config(env, retried, mode='predict_with_aux', decoding=_sampling()),
       ['--runner=BundleBasedDirectRunner'])
@@ -273,7 +272,7 @@ def test_resumed_sampling_run_draws_the_same_samples(env, sampling_run,
   config = make_config(env, output, mode='predict_with_aux',
                        decoding=_sampling())
   run(config)
-  layout = plan.layout(config, TWO_FILES)
+  layout = config.layout(TWO_FILES)
   # Make the finished run look like one killed after two chunks: keep the
   # chunk files of shard 0 chunks 0 and 1 (recomputed here from a straight
   # run's records) and remove the final outputs.
@@ -305,7 +304,7 @@ def test_score_mode_writes_the_targets_log_likelihood(env, tmp_path):
       task.get_dataset(lengths, split='test', shuffle=False), lengths)
   examples = list(ds.as_numpy_iterator())
   batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-  expected = InferenceModel.load(env['checkpoint']).score_batch(batch)
+  expected = InferenceModel.load(env['checkpoint'], dtype='float32').score_batch(batch)
   np.testing.assert_allclose([r['score'] for r in records], expected,
                              atol=1e-5)
   assert set(records[0]) == {'inputs', 'score', 'aux'}
@@ -336,7 +335,7 @@ def test_input_options_choose_the_inputs_fields(env, tmp_path):
 
 
 def test_json_conversions_follow_t5x():
-  from pipeline.transforms import _json_value  # pylint: disable=g-import-not-at-top
+  from pipeline.read import _json_value  # pylint: disable=g-import-not-at-top
   assert _json_value(b'caf\xc3\xa9') == 'café'
   assert _json_value(np.int32(7)) == 7.0 and isinstance(
       _json_value(np.int64(7)), float)

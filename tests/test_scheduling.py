@@ -184,7 +184,6 @@ def test_exactly_one_of_racing_runs_takes_the_lock(tmp_path):
 def test_heartbeats_keep_the_lock_alive_and_the_job_releases_it(env, tmp_path):
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   from pipeline import lock, run  # pylint: disable=g-import-not-at-top
-  from pipeline.config import InferConfig  # pylint: disable=g-import-not-at-top
   output = str(tmp_path / 'beat')
   generation = lock.acquire(output, 'me:1:x', expiry_seconds=1.5)
   ref = lock.LockRef(output, 'me:1:x', generation, 1.5)
@@ -197,7 +196,7 @@ def test_heartbeats_keep_the_lock_alive_and_the_job_releases_it(env, tmp_path):
       lock.acquire(output, 'other:2:y', expiry_seconds=1.5)
 
   # Submitted without waiting: the job's last step releases the lock.
-  config = InferConfig(
+  config = helpers.infer_config(
       mixture_or_task_name='t5beam_test_two_files',
       task_feature_lengths={'inputs': 24, 'targets': 8},
       checkpoint_path=env['checkpoint'], output_dir=str(tmp_path / 'job'),

@@ -1,0 +1,122 @@
+"""Inference over chunks: (chunk key, examples) -> the chunk's jsonl file.
+
+The model side is `pipeline.inference`, the seam T5ModelHandler uses too;
+what is here is the pipeline's own: chunk files written atomically, records
+with their `inputs`, counters, and the run lock's heartbeat.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Dict, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
+
+from model import files
+from pipeline import inference, lock, plan
+from pipeline.config import InferConfig
+from pipeline.read import NAMESPACE, hide_accelerators_from_tensorflow
+
+# Failure injection for tests of Beam's retries: "task:shard:chunk=marker"
+# raises once, in the middle of that chunk's inference, unless `marker`
+# exists (it is created when the fault fires).
+FAULT_ONCE_ENV = 'T5BEAM_INJECT_FAULT_ONCE'
+
+
+def _maybe_inject_fault(task_name: str, shard: int, chunk: int):
+  spec = os.environ.get(FAULT_ONCE_ENV)
+  if not spec:
+    return
+  target, marker = spec.split('=', 1)
+  if target == f'{task_name}:{shard}:{chunk}' and not os.path.exists(marker):
+    with open(marker, 'w') as f:
+      f.write(str(os.getpid()))
+    raise RuntimeError(f'{FAULT_ONCE_ENV}: injected fault in {target}')
+
+
+def _counter(name: str):
+  return Metrics.counter(NAMESPACE, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkStats:
+  """What inferring one chunk took (chunks finished by an earlier run have
+  none)."""
+  shard: int
+  chunk: int
+  examples: int
+  decoded_tokens: int
+  seconds: float
+
+
+class InferChunk(beam.DoFn):
+  """(chunk key, examples) -> the chunk's jsonl file; yields ChunkStats.
+
+  The model is loaded in `setup`, once per worker process, and shared by the
+  DoFn instances of that process's threads.
+  """
+
+  def __init__(self, config: InferConfig, fingerprint: str,
+               num_shards: Dict[str, int],
+               lock_ref: Optional[lock.LockRef] = None):
+    self._config = config
+    self._fingerprint = fingerprint
+    self._model_handle = shared.Shared()
+    self._num_shards = dict(num_shards)  # input shards of each task
+    self._lock_ref = lock_ref
+    self._vocabularies = {}
+
+  def setup(self):
+    hide_accelerators_from_tensorflow()
+    plan.prepare_tasks(self._config)
+    spec = self._config.model
+    self._model = self._model_handle.acquire(
+        lambda: inference.load_model(spec),
+        tag=f'{spec.checkpoint_path}:{self._fingerprint}')
+    lock.worker_heartbeat(self._lock_ref)
+
+  def _vocabulary(self, task_name: str):
+    if task_name not in self._vocabularies:
+      import seqio  # pylint: disable=g-import-not-at-top
+      task = seqio.get_mixture_or_task(task_name)
+      self._vocabularies[task_name] = task.output_features['targets'].vocabulary
+    return self._vocabularies[task_name]
+
+  def process(self, element):
+    (task_name, shard, chunk), examples = element
+    config = self._config
+    startup = self._model.take_load_report()
+    if startup is not None:
+      _counter('model_loads').inc()
+      _counter('startup_milliseconds').inc(int(1000 * startup))
+    examples = sorted(examples, key=lambda e: e[0])
+    path = config.layout(task_name).chunk_path(
+        shard, self._num_shards[task_name], chunk)
+    if files.exists(path):
+      # A retried or duplicated bundle: the chunk is already complete.
+      _counter('chunks_already_written').inc()
+      return
+    start = time.perf_counter()
+    inferences, decoded_tokens = inference.infer_examples(
+        self._model, config.model, self._vocabulary(task_name),
+        [features for _, _, features in examples],
+        [(task_name, shard, index) for index, _, _ in examples],
+        after_batch=lambda _: _maybe_inject_fault(task_name, shard, chunk))
+    lines = [json.dumps({'inputs': inputs, **record}) + '\n'
+             for (_, inputs, _), record in zip(examples, inferences)]
+    seconds = time.perf_counter() - start
+    files.write_atomically(path, ''.join(lines).encode('utf-8'))
+    lock.worker_heartbeat(self._lock_ref)
+    _counter('examples_inferred').inc(len(examples))
+    _counter('batches').inc(-(-len(examples) // config.model.batch_size))
+    _counter('chunks_inferred').inc()
+    _counter('decoded_tokens').inc(decoded_tokens)
+    logging.info('t5beam: %s shard %d chunk %d: %d examples in %.2f s '
+                 '(%.1f examples/s)', task_name, shard, chunk, len(examples),
+                 seconds, len(examples) / max(seconds, 1e-9))
+    yield task_name, ChunkStats(shard, chunk, len(examples), decoded_tokens,
+                                seconds)

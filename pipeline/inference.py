@@ -1,0 +1,314 @@
+"""The one seam between Beam and the model: what to run, how to run a batch,
+and what each example's T5X record says.
+
+Both callers of the model go through here: the pipeline's `InferChunk`
+(pipeline/infer_chunks.py) and `T5ModelHandler` (pipeline/model_handler.py,
+RunInference in users' own pipelines). So for the same example and settings
+they give the same record.
+
+    spec = ModelSpec(checkpoint_path, task_feature_lengths={...}, mode='predict')
+    loaded = load_model(spec)                    # once per worker process
+    inferences, tokens = infer_examples(loaded, spec, vocabulary, features,
+                                        identities)
+
+`features` are one dict of int arrays per example, as SeqIO's
+`EncDecFeatureConverter` gives them (`model_features` builds the same from
+token ids). Batches are padded to `spec.batch_size` rows, so each shape
+compiles once; the padding never reaches a record.
+
+Sampling keys: every example draws from its own key, derived from the seed
+and the example's identity (never from its batch or row), so resumed,
+retried and multi-worker runs sample identically. The pipeline's identity
+is (task, input shard, index in the shard); the handler's is the element's
+key, or its content.
+"""
+
+import dataclasses
+import hashlib
+import logging
+import os
+import threading
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from model.config import DEFAULT_RESTORE_DTYPE, T5Config
+from model.decoding import DecodingConfig
+
+MODES = ('predict', 'score', 'predict_with_aux')
+FEATURES = ('encoder_input_tokens', 'decoder_input_tokens',
+            'decoder_target_tokens', 'decoder_loss_weights')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What to run and how: the model's settings, shared by the pipeline and
+  the RunInference handler; validated on construction.
+
+  model_config: the architecture, or None to take it from the checkpoint
+  (Hugging Face config.json, or our Orbax checkpoint's t5_config.json).
+  restore_dtype: the dtype parameters are restored in; activation_dtype the
+  one matmuls run in (None: the same).
+  mode: 'predict', 'score' or 'predict_with_aux'; decoding: how to decode
+  (greedy by default). output_ids adds `prediction_tokens`;
+  return_intermediates adds each target token's score in score mode.
+  seed: the sampling keys' seed (each example folds in its identity).
+  """
+  checkpoint_path: str
+  task_feature_lengths: Mapping[str, int]
+  model_config: Optional[T5Config] = None
+  batch_size: int = 32
+  restore_dtype: str = DEFAULT_RESTORE_DTYPE
+  activation_dtype: Optional[str] = None
+  mode: str = 'predict'
+  decoding: DecodingConfig = DecodingConfig()
+  output_ids: bool = False
+  return_intermediates: bool = False
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f'infer.mode {self.mode!r} is not one of {MODES}')
+    if self.batch_size < 1:
+      raise ValueError(f'batch_size must be at least 1, got '
+                       f'{self.batch_size}')
+    for feature in ('inputs', 'targets'):
+      if feature not in self.task_feature_lengths:
+        raise ValueError(
+            f'TASK_FEATURE_LENGTHS {dict(self.task_feature_lengths)} lacks '
+            f'{feature!r}; an encoder-decoder model needs both inputs and '
+            'targets lengths')
+
+  @property
+  def input_length(self) -> int:
+    return int(self.task_feature_lengths['inputs'])
+
+  @property
+  def target_length(self) -> int:
+    return int(self.task_feature_lengths['targets'])
+
+  def fingerprint_fields(self) -> Dict[str, Any]:
+    """The settings that decide what the model writes."""
+    return {
+        'checkpoint_path': self.checkpoint_path,
+        'task_feature_lengths': {k: int(v) for k, v in
+                                 sorted(self.task_feature_lengths.items())},
+        'model_config': (self.model_config.to_dict()
+                         if self.model_config else None),
+        'batch_size': self.batch_size,
+        'restore_dtype': self.restore_dtype,
+        'activation_dtype': self.activation_dtype or self.restore_dtype,
+        'mode': self.mode,
+        'decoding': dataclasses.asdict(self.decoding),
+        'output_ids': self.output_ids,
+        'return_intermediates': self.return_intermediates,
+        'seed': self.seed,
+    }
+
+
+# --- sampling keys ------------------------------------------------------------
+
+
+def _identity_bytes(part: Any) -> bytes:
+  if isinstance(part, bytes):
+    return b'b' + part
+  if isinstance(part, str):
+    return b's' + part.encode('utf-8')
+  if isinstance(part, (int, np.integer)) and not isinstance(part, bool):
+    return b'i' + str(int(part)).encode()
+  return b'r' + repr(part).encode('utf-8')
+
+
+def example_key(seed: int, identity: Sequence[Any]) -> np.ndarray:
+  """The sampling key ([2] uint32, a JAX threefry key) of the example with
+  this identity: a hash of the seed and the identity's parts, so the same
+  example gets the same key in any batch, worker or rerun."""
+  digest = hashlib.blake2b(digest_size=8)
+  digest.update(str(int(seed)).encode())
+  for part in identity:
+    encoded = _identity_bytes(part)
+    digest.update(len(encoded).to_bytes(8, 'little'))
+    digest.update(encoded)
+  return np.frombuffer(digest.digest(), np.uint32).copy()
+
+
+# --- features -----------------------------------------------------------------
+
+
+def _pad(ids: np.ndarray, length: int) -> np.ndarray:
+  out = np.zeros(length, np.int32)
+  out[:len(ids)] = ids[:length]
+  return out
+
+
+def model_features(inputs: Sequence[int], targets: Optional[Sequence[int]],
+                   spec: ModelSpec) -> Dict[str, np.ndarray]:
+  """One example's model features from token ids, as SeqIO's
+  EncDecFeatureConverter (unpacked) gives them: inputs and targets padded
+  to their lengths, decoder inputs the targets shifted right, loss weights
+  where targets are not padding."""
+  targets = np.asarray(targets if targets is not None else [], np.int32)
+  decoder_targets = _pad(targets, spec.target_length)
+  decoder_inputs = np.concatenate([[0], decoder_targets[:-1]]).astype(np.int32)
+  return {
+      'encoder_input_tokens': _pad(np.asarray(inputs, np.int32),
+                                   spec.input_length),
+      'decoder_input_tokens': decoder_inputs,
+      'decoder_target_tokens': decoder_targets,
+      'decoder_loss_weights': (decoder_targets > 0).astype(np.int32),
+  }
+
+
+def stack_batch(features: Sequence[Mapping[str, np.ndarray]],
+                batch_size: int) -> Dict[str, np.ndarray]:
+  """[batch_size, ...] arrays of the examples' features; rows past the
+  examples repeat the first example (their outputs are dropped)."""
+  rows = list(features) + [features[0]] * (batch_size - len(features))
+  return {name: np.stack([np.asarray(row[name], np.int32) for row in rows])
+          for name in FEATURES}
+
+
+# --- the loaded model ---------------------------------------------------------
+
+
+class LoadedModel:
+  """The model one worker process (or, with Beam's `large_model`, one VM)
+  holds, with the settings it was loaded for. Its methods take and return
+  numpy arrays only, so Beam can share it across processes by proxy."""
+
+  def __init__(self, spec: ModelSpec, model, load_seconds: float,
+               compile_seconds: float):
+    self.spec = spec
+    self.model = model
+    self.pid = os.getpid()
+    self.load_seconds = load_seconds
+    self.compile_seconds = compile_seconds
+    self._lock = threading.Lock()
+    self._load_reported = False
+
+  def take_load_report(self) -> Optional[float]:
+    """Seconds the load and compile took, the first time it is asked (so a
+    shared model's load is counted once); None afterwards."""
+    with self._lock:
+      if self._load_reported:
+        return None
+      self._load_reported = True
+      return self.load_seconds + self.compile_seconds
+
+  def run(self, batch: Mapping[str, np.ndarray],
+          example_keys: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """Runs one batch of `spec.batch_size` rows in the spec's mode:
+    {'tokens'} (predict), {'tokens', 'scores'} (predict_with_aux), or
+    {'scores', 'token_scores', 'weights'} (score)."""
+    spec = self.spec
+    if spec.mode == 'score':
+      scores, token_scores = self.model.score_batch(batch,
+                                                    return_token_scores=True)
+      return {'scores': scores, 'token_scores': token_scores,
+              'weights': np.asarray(batch['decoder_loss_weights'])}
+    rng = example_keys if spec.decoding.needs_rng else None
+    if spec.mode == 'predict':
+      # Records carry no scores, and greedy decoding is faster without them
+      # (model.screened_argmax).
+      return {'tokens': self.model.predict_batch(
+          batch, decoding=spec.decoding, rng=rng)}
+    tokens, scores = self.model.predict_batch(
+        batch, return_scores=True, decoding=spec.decoding, rng=rng)
+    return {'tokens': tokens, 'scores': scores}
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+  """Loads the checkpoint and compiles the spec's one batch shape (called
+  once per worker process)."""
+  from model import runtime  # pylint: disable=g-import-not-at-top
+  runtime.configure_xla_cpu()  # a no-op once JAX runs in this process
+  from model.inference import InferenceModel  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  model = InferenceModel.load(spec.checkpoint_path, spec.model_config,
+                              dtype=spec.restore_dtype,
+                              activation_dtype=spec.activation_dtype)
+  loaded_at = time.perf_counter()
+  loaded = LoadedModel(spec, model, loaded_at - start, 0.0)
+  warm_up = model_features([1], [1], spec)
+  loaded.run(stack_batch([warm_up], spec.batch_size),
+             np.zeros((spec.batch_size, 2), np.uint32))
+  loaded.compile_seconds = time.perf_counter() - loaded_at
+  logging.info('t5beam: process %d loaded the model in %.1f s and compiled '
+               'batch shape %d in %.1f s', os.getpid(), loaded.load_seconds,
+               spec.batch_size, loaded.compile_seconds)
+  return loaded
+
+
+# --- records ------------------------------------------------------------------
+
+
+def _cut(ids: np.ndarray) -> List[int]:
+  """Token ids up to the first 0 (decoding writes 0 after EOS)."""
+  ids = ids.tolist()
+  return ids[:ids.index(0)] if 0 in ids else ids
+
+
+def _prediction_fields(spec: ModelSpec, vocabulary, tokens: np.ndarray,
+                       scores) -> Dict[str, Any]:
+  """`prediction` (+ `prediction_tokens`, `aux`) of one example; lists of
+  all decodes (increasing score) when return_all_decodes. Without a
+  vocabulary the prediction is the token ids."""
+  decode = vocabulary.decode if vocabulary is not None else (lambda ids: ids)
+  if tokens.ndim == 2:
+    ids = [_cut(row) for row in tokens]
+    fields = {'prediction': [decode(i) for i in ids]}
+  else:
+    ids = _cut(tokens)
+    fields = {'prediction': decode(ids)}
+  if spec.output_ids:
+    fields['prediction_tokens'] = ids
+  if spec.mode == 'predict_with_aux':
+    fields['aux'] = {'scores': np.asarray(scores, np.float64).tolist()}
+  return fields
+
+
+def _inference(spec: ModelSpec, vocabulary, outputs: Mapping[str, np.ndarray],
+               row: int) -> Dict[str, Any]:
+  """The T5X record of one example, without `inputs`."""
+  if 'tokens' in outputs:
+    return _prediction_fields(
+        spec, vocabulary, outputs['tokens'][row],
+        outputs['scores'][row] if 'scores' in outputs else None)
+  record = {'score': float(outputs['scores'][row])}
+  if spec.return_intermediates:
+    real = outputs['weights'][row] > 0
+    record['aux'] = {'token_scores': [
+        float(x) for x in outputs['token_scores'][row][real]]}
+  return record
+
+
+def infer_examples(model, spec: ModelSpec, vocabulary,
+                   features: Sequence[Mapping[str, np.ndarray]],
+                   identities: Sequence[Sequence[Any]],
+                   after_batch=None) -> Tuple[List[Dict[str, Any]], int]:
+  """(one T5X record without `inputs` per example, decoded token count).
+
+  `model` is a LoadedModel (or Beam's proxy of one); batches of
+  `spec.batch_size` in order; `identities` give the sampling keys.
+  `after_batch(batch_index)` runs after each batch (the pipeline's fault
+  injection for tests of retries)."""
+  needs_keys = spec.decoding.needs_rng and spec.mode != 'score'
+  inferences: List[Dict[str, Any]] = []
+  decoded_tokens = 0
+  for index, begin in enumerate(range(0, len(features), spec.batch_size)):
+    part = features[begin:begin + spec.batch_size]
+    keys = None
+    if needs_keys:
+      keys = np.stack([example_key(spec.seed, identity) for identity in
+                       identities[begin:begin + spec.batch_size]])
+      keys = np.concatenate(
+          [keys, np.repeat(keys[:1], spec.batch_size - len(part), axis=0)])
+    outputs = model.run(stack_batch(part, spec.batch_size), keys)
+    if after_batch is not None:
+      after_batch(index)
+    for row in range(len(part)):
+      inferences.append(_inference(spec, vocabulary, outputs, row))
+      if 'tokens' in outputs:
+        decoded_tokens += int(np.sum(outputs['tokens'][row] > 0))
+  return inferences, decoded_tokens

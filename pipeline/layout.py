@@ -1,0 +1,123 @@
+"""The output layout, defined once: every file name of a run, and which
+examples form which chunk. Reading, inference, the merge, planning and the
+progress line all ask here; nothing else builds or parses these names.
+
+Layout of INFER_OUTPUT_DIR (one set per task; a Mixture gives one per
+sub-task):
+
+    t5beam-run.json                          the run's fingerprint, first
+    tmp-{task}-{mode}/chunk-{S}-of-{N}-{C}.jsonl   finished chunks
+    tmp-{task}-{mode}/count-{S}-of-{N}.json        examples per input shard
+    {task}-{mode}.jsonl-{i:05d}-of-{n:05d}   merged records, input order
+    {task}-{mode}.manifest.json              counts, checksums, fingerprint
+    {task}-{mode}.jsonl-{i:05d}-of-{n:05d}.COMPLETED   markers, last
+
+S, N and C are written with at least five digits, and read with any number.
+A chunk is `chunk_size` consecutive examples of one input shard: example i
+of a shard is in chunk i // chunk_size.
+"""
+
+import dataclasses
+import re
+from typing import List, Optional, Set, Tuple
+
+from model import files
+
+RUN_FILE = 't5beam-run.json'
+_CHUNK_RE = re.compile(r'^chunk-(\d+)-of-(\d+)-(\d+)\.jsonl$')
+_COUNT_RE = re.compile(r'^count-(\d+)-of-(\d+)\.json$')
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskLayout:
+  """Where one task's files go, and how its shards divide into chunks."""
+  output_dir: str
+  task: str
+  mode: str
+  num_output_shards: int
+  chunk_size: int
+
+  @property
+  def stem(self) -> str:
+    return f'{self.task}-{self.mode}'
+
+  def owns(self, name: str) -> bool:
+    """Whether `name` (in the output directory) is one of this task's."""
+    return name == f'tmp-{self.stem}' or name.startswith(f'{self.stem}.')
+
+  # --- chunk arithmetic --------------------------------------------------------
+
+  def chunk_of(self, index: int) -> int:
+    """The chunk holding example `index` of its input shard."""
+    return index // self.chunk_size
+
+  def chunk_sizes(self, examples: int) -> List[int]:
+    """The record count of each chunk of a shard of `examples` examples."""
+    return [min(self.chunk_size, examples - start)
+            for start in range(0, examples, self.chunk_size)]
+
+  # --- chunk files -------------------------------------------------------------
+
+  @property
+  def chunk_dir(self) -> str:
+    return files.join(self.output_dir, f'tmp-{self.stem}')
+
+  @staticmethod
+  def chunk_name(shard: int, num_shards: int, chunk: int) -> str:
+    return f'chunk-{shard:05d}-of-{num_shards:05d}-{chunk:05d}.jsonl'
+
+  def chunk_path(self, shard: int, num_shards: int, chunk: int) -> str:
+    return files.join(self.chunk_dir, self.chunk_name(shard, num_shards, chunk))
+
+  def count_path(self, shard: int, num_shards: int) -> str:
+    """Written by the reader: the number of examples in one input shard."""
+    return files.join(self.chunk_dir,
+                      f'count-{shard:05d}-of-{num_shards:05d}.json')
+
+  def finished_chunks(self, num_shards: int) -> Set[Tuple[int, int]]:
+    """(input shard, chunk) of every complete chunk file, from one listing
+    of the chunk directory."""
+    done = set()
+    for name in files.list_names(self.chunk_dir):
+      parsed = parse_chunk_name(name)
+      if parsed and parsed[1] == num_shards:
+        done.add((parsed[0], parsed[2]))
+    return done
+
+  def shard_counts(self) -> Tuple[Optional[int], dict]:
+    """(number of input shards, {shard: examples}) from the count files the
+    readers wrote so far; (None, {}) before the first."""
+    counts, num_shards = {}, None
+    for name in files.list_names(self.chunk_dir):
+      match = _COUNT_RE.match(name)
+      if match:
+        num_shards = int(match.group(2))
+        counts[int(match.group(1))] = files.read_json(
+            files.join(self.chunk_dir, name))['examples']
+    return num_shards, counts
+
+  # --- final files ---------------------------------------------------------------
+
+  def output_name(self, index: int) -> str:
+    return (f'{self.stem}.jsonl-{index:05d}-of-'
+            f'{self.num_output_shards:05d}')
+
+  def output_path(self, index: int) -> str:
+    return files.join(self.output_dir, self.output_name(index))
+
+  def marker_path(self, index: int) -> str:
+    return self.output_path(index) + '.COMPLETED'
+
+  @property
+  def manifest_path(self) -> str:
+    return files.join(self.output_dir, f'{self.stem}.manifest.json')
+
+
+def parse_chunk_name(name: str) -> Optional[Tuple[int, int, int]]:
+  """(shard, number of shards, chunk) of a chunk file name, else None."""
+  match = _CHUNK_RE.match(name)
+  return tuple(int(g) for g in match.groups()) if match else None
+
+
+def run_file(output_dir: str) -> str:
+  return files.join(output_dir, RUN_FILE)
