@@ -1,0 +1,235 @@
+"""T5ModelHandler: t5beam's model in a user's own Beam pipeline, through
+Beam's RunInference, giving what `python -m launch.infer` writes."""
+
+import json
+import os
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+import numpy as np
+import pytest
+
+from tests import pipeline_helpers as helpers
+
+IN_MEMORY = ['--runner=FnApiRunner']
+LENGTHS = {'inputs': 24, 'targets': 8}
+SENTENCEPIECE = 't5beam_test_sentencepiece'  # 11 examples, text
+TOKEN_IDS = 't5beam_test_token_ids'  # 12 examples, token ids only
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  return helpers.small_environment(tmp_path_factory)
+
+
+_LAUNCHED = {}
+
+
+def launched_records(env, task: str, mode: str):
+  """The records `python -m launch.infer` writes for the task (cached)."""
+  if (task, mode) not in _LAUNCHED:
+    directory = env['tmp'].mktemp(f'launch-{mode}')
+    gin_file = os.path.join(directory, 'my_infer.gin')
+    with open(gin_file, 'w') as f:
+      f.write(f"""include 'runs/infer.gin'
+CHECKPOINT_PATH = '{env['checkpoint']}'
+MIXTURE_OR_TASK_NAME = '{task}'
+MIXTURE_OR_TASK_MODULE = 'tests.tasks'
+TASK_FEATURE_LENGTHS = {LENGTHS}
+RestoreCheckpointConfig.dtype = 'float32'
+DatasetConfig.batch_size = 4
+infer.mode = '{mode}'
+infer.output_ids = {mode == 'predict'}
+""")
+    output = directory / 'out'
+    status, stderr = helpers.launch([f'--gin_file={gin_file}',
+                                     f'--gin.INFER_OUTPUT_DIR="{output}"'])
+    assert status == 0, stderr
+    _LAUNCHED[task, mode] = helpers.read_records(
+        output / f'{task}-{mode}.jsonl-00000-of-00001')
+  return _LAUNCHED[task, mode]
+
+
+def token_id_examples():
+  """(inputs, targets) token ids of the token-id task, EOS included, as the
+  pipeline feeds them to the model."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  ds = seqio.get_mixture_or_task(TOKEN_IDS).get_dataset(
+      LENGTHS, split='test', shuffle=False)
+  return [(ex['inputs'].tolist(), ex['targets'].tolist())
+          for ex in ds.as_numpy_iterator()]
+
+
+def make_handler(env, task: str, mode: str, **options):
+  from pipeline.model_handler import T5ModelHandler  # pylint: disable=g-import-not-at-top
+  from tests import tasks  # pylint: disable=g-import-not-at-top
+  vocabulary = None
+  if task == SENTENCEPIECE:
+    vocabulary = tasks.seqio.get_mixture_or_task(task).output_features[
+        'targets'].vocabulary
+  return T5ModelHandler(env['checkpoint'], vocabulary=vocabulary,
+                        task_feature_lengths=LENGTHS, batch_size=4,
+                        dtype='float32', mode=mode,
+                        output_ids=mode == 'predict', **options)
+
+
+def run_pipeline(build, directory, options=IN_MEMORY):
+  """Runs `build(pipeline) -> {name: PCollection of JSON-able values}` and
+  returns ({name: sorted values}, the run's t5beam counters)."""
+  from apache_beam.metrics.metric import MetricsFilter  # pylint: disable=g-import-not-at-top
+  pipeline = beam.Pipeline(options=PipelineOptions(options))
+  outputs = build(pipeline)
+  for name, pcoll in outputs.items():
+    _ = (pcoll
+         | f'Json{name}' >> beam.Map(json.dumps, sort_keys=True)
+         | f'Write{name}' >> beam.io.WriteToText(
+             os.path.join(str(directory), name), shard_name_template=''))
+  result = pipeline.run()
+  result.wait_until_finish()
+  counters = {}  # summed over steps
+  for counter in result.metrics().query(
+      MetricsFilter().with_namespace('t5beam'))['counters']:
+    name = counter.key.metric.name
+    counters[name] = counters.get(name, 0) + counter.committed
+  values = {}
+  for name in outputs:
+    with open(os.path.join(str(directory), name), encoding='utf-8') as f:
+      values[name] = sorted((json.loads(line) for line in f),
+                            key=lambda v: json.dumps(v, sort_keys=True))
+  return values, counters
+
+
+def _result(result):
+  """A PredictionResult as JSON-able [example, inference, model_id]."""
+  return [result.example, result.inference, result.model_id]
+
+
+@pytest.mark.parametrize('task,mode', [(SENTENCEPIECE, 'predict'),
+                                       (SENTENCEPIECE, 'score'),
+                                       (TOKEN_IDS, 'predict'),
+                                       (TOKEN_IDS, 'score')])
+def test_users_pipeline_gets_what_launch_infer_writes(env, tmp_path, task,
+                                                      mode):
+  from apache_beam.ml.inference.base import PredictionResult  # pylint: disable=g-import-not-at-top
+  records = launched_records(env, task, mode)
+  if task == SENTENCEPIECE:
+    elements = [{'inputs': r['inputs']['inputs_pretokenized'],
+                 'targets': r['inputs']['targets_pretokenized']}
+                for r in records]
+  else:
+    elements = [{'inputs': inputs, 'targets': targets}
+                for inputs, targets in token_id_examples()]
+  assert len(elements) == len(records) > 10
+  # Unkeyed: a str (or token ids) alone in predict mode, the mapping in
+  # score mode; keyed: (index, mapping).
+  unkeyed = [e if mode == 'score' else e['inputs'] for e in elements]
+  handler = make_handler(env, task, mode)
+
+  def build(pipeline):
+    plain = (pipeline
+             | 'Elements' >> beam.Create(unkeyed)
+             | 'Infer' >> RunInference(handler)
+             | 'Plain' >> beam.Map(_result))
+    keyed = (pipeline
+             | 'Keyed' >> beam.Create(list(enumerate(elements)))
+             | 'InferKeyed' >> RunInference(handler.keyed())
+             | 'KeyedResults' >> beam.Map(
+                 lambda kv: [kv[0], kv[1].inference]
+                 if isinstance(kv[1], PredictionResult) else None))
+    return {'plain': plain, 'keyed': keyed}
+
+  values, counters = run_pipeline(build, tmp_path)
+  expected = [{k: v for k, v in r.items() if k != 'inputs'} for r in records]
+  got = {json.dumps(example): inference
+         for example, inference, _ in values['plain']}
+  assert got == {json.dumps(e): x for e, x in zip(unkeyed, expected)}
+  assert {tuple(v[2] for v in values['plain'])} == {(env['checkpoint'],) *
+                                                     len(unkeyed)}
+  assert sorted(values['keyed']) == [[i, x] for i, x in enumerate(expected)]
+  assert counters['num_inferences'] == 2 * len(records)
+  assert counters['model_loads'] == 2  # one per RunInference
+  if mode == 'predict':
+    assert counters['decoded_tokens'] == sum(
+        len(x['prediction_tokens']) for x in expected) * 2
+    assert all(isinstance(x['prediction'], str if task == SENTENCEPIECE
+                          else list) for x in expected)
+
+
+def test_bad_elements_go_to_the_failed_output_and_the_rest_run(env,
+                                                               tmp_path):
+  records = launched_records(env, SENTENCEPIECE, 'predict')
+  texts = [r['inputs']['inputs_pretokenized'] for r in records]
+  good = texts + texts[:6]  # 17
+  bad = [42, {'text': 'no inputs field'}, {'inputs': [5, 3000, 1]}]
+  elements = good[:5] + bad[:1] + good[5:11] + bad[1:] + good[11:]
+  assert len(elements) == 20
+  handler = make_handler(env, SENTENCEPIECE, 'predict')
+
+  def build(pipeline):
+    main, other = (pipeline
+                   | beam.Create(elements)
+                   | RunInference(handler).with_exception_handling())
+    failed = other.failed_preprocessing[0] | 'Failed' >> beam.Map(
+        lambda bad_element: [bad_element[0], str(bad_element[1])])
+    return {'main': main | 'Main' >> beam.Map(_result), 'failed': failed}
+
+  values, _ = run_pipeline(build, tmp_path)
+  expected = {r['inputs']['inputs_pretokenized']:
+              {k: v for k, v in r.items() if k != 'inputs'} for r in records}
+  assert sorted(example for example, _, _ in values['main']) == sorted(good)
+  for example, inference, _ in values['main']:
+    assert inference == expected[example]
+  reasons = {json.dumps(element): reason
+             for element, reason in values['failed']}
+  assert set(reasons) == {json.dumps(b) for b in bad}
+  assert 'element of type int' in reasons['42']
+  assert "has no 'inputs'" in reasons[json.dumps(bad[1])]
+  assert 'token id 3000 outside' in reasons[json.dumps(bad[2])]
+
+
+def test_large_model_is_loaded_once_for_two_worker_processes(env, tmp_path):
+  records = launched_records(env, SENTENCEPIECE, 'predict')
+  texts = [r['inputs']['inputs_pretokenized'] for r in records]
+  expected = {t: {k: v for k, v in r.items() if k != 'inputs'}
+              for t, r in zip(texts, records)}
+  handler = make_handler(env, SENTENCEPIECE, 'predict', large_model=True)
+
+  def build(pipeline):
+    results = (pipeline
+               | beam.Create(texts * 4)
+               | beam.Reshuffle()
+               | RunInference(handler))
+    return {'results': results | beam.Map(
+        lambda r: [r.example, r.inference, os.getpid()])}
+
+  values, counters = run_pipeline(
+      build, tmp_path, ['--runner=FnApiRunner',
+                        '--direct_running_mode=multi_processing',
+                        '--direct_num_workers=2'])
+  assert len(values['results']) == 4 * len(texts)
+  for example, inference, _ in values['results']:
+    assert inference == expected[example]
+  assert len({pid for _, _, pid in values['results']}) == 2
+  assert counters['model_loads'] == 1
+
+
+def test_sampling_keys_follow_the_key_or_the_content_not_the_batch(env):
+  from model.decoding import DecodingConfig  # pylint: disable=g-import-not-at-top
+  from pipeline import inference  # pylint: disable=g-import-not-at-top
+  handler = make_handler(env, SENTENCEPIECE, 'predict_with_aux',
+                         decoding=DecodingConfig('temperature_sample', topk=0),
+                         num_decodes=3, return_all_decodes=True, seed=7)
+  loaded = handler.load_model()
+  texts = ['first file 1 x', 'only file 2 xx', 'first file 3 xxx']
+  alone = [handler.run_inference([handler.prepare(t)], loaded)[0]
+           for t in texts]
+  together = handler.run_inference(
+      [handler.prepare(t) for t in texts + texts[:1]], loaded)
+  assert [r.inference for r in together[:3]] == [r.inference for r in alone]
+  assert together[3].inference == together[0].inference  # same content
+  keyed = [handler.prepare_keyed((key, texts[0]))[1] for key in ('a', 'b')]
+  first, second = handler.run_inference(keyed, loaded)
+  assert first.inference != second.inference  # other keys, other samples
+  assert np.array_equal(inference.example_key(7, ('key', 'a')),
+                        inference.example_key(7, ('key', 'a')))
