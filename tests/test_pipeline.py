@@ -138,6 +138,48 @@ def test_different_run_is_refused_and_overwrite_replaces_it(env):
   assert len(records) == 11 and 'prediction_tokens' in records[0]
 
 
+def test_output_of_an_older_t5beam_version_is_refused_by_name(env, tmp_path,
+                                                              reference_run):
+  """An output written before the fingerprint had a version (sampling keys
+  per batch) must not be resumed or mixed with this version's."""
+  from pipeline.plan import PlanError  # pylint: disable=g-import-not-at-top
+  reference_dir, _ = reference_run
+  output = tmp_path / 'old'
+  output.mkdir()
+  for name in os.listdir(reference_dir):  # the same records and markers
+    if name.startswith(TWO_FILES):
+      (output / name).write_bytes((reference_dir / name).read_bytes())
+  record = json.loads((reference_dir / 't5beam-run.json').read_text())
+  del record['settings']['fingerprint_version']
+  record['fingerprint'] = 'a1b2c3d4e5f60718'
+  (output / 't5beam-run.json').write_text(json.dumps(record))
+  manifest_path = output / f'{TWO_FILES}-predict.manifest.json'
+  manifest = json.loads(manifest_path.read_text())
+  manifest['fingerprint'] = record['fingerprint']
+  manifest_path.write_text(json.dumps(manifest))
+  before = helpers.output_files(output)
+  with pytest.raises(PlanError, match=r'holds output written by another '
+                     r't5beam version \(fingerprint version 1; this t5beam '
+                     r'writes version 2.*infer.overwrite=True'):
+    run(make_config(env, output))
+  assert helpers.output_files(output) == before
+
+
+def test_chunk_files_are_named_and_found_past_five_digits(tmp_path):
+  from model import files  # pylint: disable=g-import-not-at-top
+  from pipeline import layout  # pylint: disable=g-import-not-at-top
+  task_layout = layout.TaskLayout(str(tmp_path), 't', 'predict', 1, 3200)
+  for shard, chunk in ((0, 7), (1, 99_999), (1, 100_000), (1, 312_499)):
+    files.write_atomically(task_layout.chunk_path(shard, 2, chunk), b'')
+  files.write_atomically(task_layout.chunk_path(0, 3, 5), b'')  # other run
+  assert task_layout.finished_chunks(2) == {
+      (0, 7), (1, 99_999), (1, 100_000), (1, 312_499)}
+  assert layout.parse_chunk_name('chunk-00001-of-00002-312499.jsonl') == (
+      1, 2, 312_499)
+  assert task_layout.chunk_of(3199) == 0 and task_layout.chunk_of(3200) == 1
+  assert task_layout.chunk_sizes(6500) == [3200, 3200, 100]
+
+
 def test_output_shards_split_the_records_in_order(env, reference_run):
   reference_dir, _ = reference_run
   output = env['tmp'].mktemp('sharded')
@@ -262,6 +304,25 @@ def test_samples_do_not_depend_on_workers_or_retries(env, sampling_run,
       ['--runner=BundleBasedDirectRunner'])
   assert marker.exists()
   assert helpers.output_files(retried) == expected
+
+
+def test_samples_do_not_depend_on_the_batch_an_example_is_in(env,
+                                                             sampling_run,
+                                                             tmp_path):
+  """Each example's key comes from (seed, task, input shard, index), so
+  other batch and chunk sizes draw the same samples."""
+  def records(directory):
+    return helpers.read_records(
+        directory / f'{TWO_FILES}-predict_with_aux.jsonl-00000-of-00001')
+  output = tmp_path / 'other-batches'
+  run(make_config(env, output, mode='predict_with_aux', decoding=_sampling(),
+                  batch_size=3, checkpoint_period=3))
+  expected = records(sampling_run)
+  got = records(output)
+  assert [r['prediction'] for r in got] == [r['prediction'] for r in expected]
+  np.testing.assert_allclose([r['aux']['scores'] for r in got],
+                             [r['aux']['scores'] for r in expected],
+                             rtol=1e-5)
 
 
 def test_resumed_sampling_run_draws_the_same_samples(env, sampling_run,

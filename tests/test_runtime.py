@@ -1,0 +1,47 @@
+"""Process-wide settings: importing t5beam changes none; the explicit call
+applies the XLA CPU flags before JAX starts, and only then."""
+
+import os
+import subprocess
+import sys
+
+from tests import pipeline_helpers as helpers
+
+
+def _python(code: str, **env_changes) -> subprocess.CompletedProcess:
+  env = dict(os.environ, **env_changes)
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, '-c', code], cwd=helpers.REPO,
+                        env=env, capture_output=True, text=True, check=True,
+                        timeout=300)
+
+
+def test_importing_the_packages_changes_no_xla_flag():
+  result = _python(
+      'import os\n'
+      'import model, model.inference, pipeline.run, pipeline.model_handler\n'
+      "print(repr(os.environ.get('XLA_FLAGS')))")
+  assert result.stdout.strip().splitlines()[-1] == 'None'
+
+
+def test_the_flags_apply_before_jax_starts_and_not_after():
+  result = _python(
+      'import logging, os\n'
+      'logging.basicConfig(level=logging.INFO)\n'
+      'from model import runtime\n'
+      'print(runtime.configure_xla_cpu(), os.environ.get("XLA_FLAGS"))\n'
+      'os.environ.pop("XLA_FLAGS")\n'
+      'import jax; jax.devices()\n'
+      'print(runtime.configure_xla_cpu(), os.environ.get("XLA_FLAGS"))\n')
+  before, after = result.stdout.strip().splitlines()[-2:]
+  assert before == ('True --xla_cpu_experimental_ynn_fusion_type='
+                    'individual_dot')
+  assert after == 'False None'
+  assert 'JAX is already running in this process' in result.stderr
+
+
+def test_tuning_can_be_turned_off():
+  result = _python('from model import runtime\n'
+                   'print(runtime.configure_xla_cpu())',
+                   T5BEAM_XLA_CPU_TUNING='0')
+  assert result.stdout.strip().splitlines()[-1] == 'False'
