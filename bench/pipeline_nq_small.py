@@ -29,10 +29,9 @@ import tensorflow as tf
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from model import checkpoints, config as config_lib, network
-from model.inference import InferenceModel
-from pipeline import transforms
-from pipeline.config import InferConfig
+from pipeline import inference
 from pipeline.run import run_inference
+from pipeline.config import InferConfig
 
 TASK = 'nq_small_greedy_bench'
 LENGTHS = {'inputs': 38, 'targets': 18}
@@ -55,20 +54,20 @@ def register_task(num_examples: int, vocab_size: int):
       output_features=features)
 
 
-def model_core_alone(checkpoint: str, config: InferConfig):
-  """(examples/s, startup seconds) of predict_batch on the task's batches."""
+def model_core_alone(spec: inference.ModelSpec):
+  """(examples/s, startup seconds) of the model alone on the task's batches:
+  the same load and batch runs the pipeline's workers use, no Beam."""
   start = time.perf_counter()
-  model = InferenceModel.load(checkpoint, dtype='float32')
-  transforms.run_model(model, config, transforms.warm_up_batch(config))
+  loaded = inference.load_model(spec)
   startup = time.perf_counter() - start
   task_ds = seqio.get_mixture_or_task(TASK).get_dataset(
       LENGTHS, split='test', shuffle=False)
   examples = list(seqio.EncDecFeatureConverter(pack=False)(
       task_ds, LENGTHS).as_numpy_iterator())
-  examples = [(i, {}, ex) for i, ex in enumerate(examples)]
   start = time.perf_counter()
-  for batch, _ in transforms._batches(examples, config.batch_size):  # pylint: disable=protected-access
-    transforms.run_model(model, config, batch)
+  for begin in range(0, len(examples), spec.batch_size):
+    loaded.run(inference.stack_batch(examples[begin:begin + spec.batch_size],
+                                     spec.batch_size))
   return len(examples) / (time.perf_counter() - start), startup
 
 
@@ -84,12 +83,12 @@ def main():
     checkpoint = os.path.join(workdir, 'checkpoint')
     checkpoints.save_orbax(checkpoint, model_config,
                            network.init_params(model_config))
+    spec = inference.ModelSpec(checkpoint, task_feature_lengths=LENGTHS,
+                               batch_size=args.batch_size,
+                               restore_dtype='float32')
     config = InferConfig(mixture_or_task_name=TASK,
-                         task_feature_lengths=LENGTHS,
-                         checkpoint_path=checkpoint,
-                         output_dir=os.path.join(workdir, 'out'),
-                         batch_size=args.batch_size)
-    core, core_startup = model_core_alone(checkpoint, config)
+                         output_dir=os.path.join(workdir, 'out'), model=spec)
+    core, core_startup = model_core_alone(spec)
     start = time.perf_counter()
     result = run_inference(config, PipelineOptions(['--runner=FnApiRunner']))
     wall = time.perf_counter() - start
