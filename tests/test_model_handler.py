@@ -233,3 +233,38 @@ def test_sampling_keys_follow_the_key_or_the_content_not_the_batch(env):
   assert first.inference != second.inference  # other keys, other samples
   assert np.array_equal(inference.example_key(7, ('key', 'a')),
                         inference.example_key(7, ('key', 'a')))
+
+
+def readme_examples():
+  """The Python blocks of the README's "Use the model in your own Beam
+  pipeline" section, in order."""
+  with open(os.path.join(helpers.REPO, 'README.md'), encoding='utf-8') as f:
+    text = f.read()
+  section = text.split('## Use the model in your own Beam pipeline', 1)[1]
+  section = section.split('\n## ', 1)[0]
+  return [block.split('```', 1)[0]
+          for block in section.split('```python\n')[1:]]
+
+
+def test_the_readme_examples_run_as_written(env, tmp_path):
+  records = launched_records(env, SENTENCEPIECE, 'predict')
+  expected = {r['inputs']['inputs_pretokenized']: r for r in records}
+  spm = os.path.join(os.environ['T5BEAM_TEST_DATA'], 'spm.model')
+  namespace = {}
+  for block in readme_examples():
+    code = (block.replace("'/tmp/", f"'{tmp_path}/")
+            .replace('/path/to/sentencepiece.model', spm)
+            .replace('/path/to/checkpoint', env['checkpoint'])
+            .replace('batch_size=4, dtype=', 'output_ids=True, batch_size=4, '
+                     'dtype='))
+    exec(compile(code, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
+  answers = helpers.read_records(tmp_path / 'answers.jsonl')
+  assert sorted(answers, key=lambda a: a['inputs']) == [
+      {**{k: v for k, v in expected[text].items() if k != 'inputs'},
+       'inputs': text} for text in ('only file 1 x', 'only file 2 xx')]
+  keyed = helpers.read_records(tmp_path / 'keyed.jsonl')
+  assert keyed == [['q1', {k: v for k, v in expected['only file 3 xxx'].items()
+                           if k != 'inputs'}]]
+  errors = (tmp_path / 'errors.txt').read_text().splitlines()
+  assert len(errors) == 1 and errors[0].startswith("('q2', {'text'")
+  assert "has no 'inputs'" in errors[0]
