@@ -11,6 +11,7 @@ network. Configuration errors stop here, before any worker starts, with one
 line naming what is wrong and what to do.
 """
 
+import dataclasses
 import logging
 import sys
 import time
@@ -171,13 +172,14 @@ def _describe(vocabulary) -> str:
           f'{type(vocabulary).__name__} of {vocabulary.vocab_size} ids')
 
 
-def write_run_info(config, architecture):
+def write_run_info(config):
   """config.gin (the operative Gin config) and model-info.txt, as T5X."""
   import gin  # pylint: disable=g-import-not-at-top
   from model import checkpoints  # pylint: disable=g-import-not-at-top
   from model import files  # pylint: disable=g-import-not-at-top
   files.write_atomically(files.join(config.output_dir, 'config.gin'),
                          gin.operative_config_str().encode('utf-8'))
+  architecture = config.model.model_config
   lines = [f'# {config.model.checkpoint_path}', f'# {architecture}']
   for name, shape in checkpoints.expected_shapes(architecture).items():
     lines.append(f'{name:<70} {shape}')
@@ -198,10 +200,10 @@ def pipeline_options(beam_args: Sequence[str]):
 
 
 def prepare(argv: Sequence[str]):
-  """Everything before the pipeline: (run plan, options, architecture).
-  Tasks are resolved, the checkpoint checked and the fingerprint computed
-  here, once. LaunchError on any configuration problem; nothing is written
-  before all checks pass."""
+  """Everything before the pipeline: (run plan, Beam options). Tasks are
+  resolved, the checkpoint checked (its architecture goes into the plan's
+  model spec) and the fingerprint computed here, once. LaunchError on any
+  configuration problem; nothing is written before all checks pass."""
   from pipeline import plan  # pylint: disable=g-import-not-at-top
   gin_files, bindings, search_paths, beam_args = split_flags(argv)
   parse_gin(gin_files, bindings, search_paths)
@@ -213,7 +215,9 @@ def prepare(argv: Sequence[str]):
     raise LaunchError(str(e)) from e
   architecture = check_checkpoint(config.model)
   check_vocabularies(tasks, vocabulary)
-  return plan.make_run_plan(config, tasks), options, architecture
+  config = dataclasses.replace(config, model=dataclasses.replace(
+      config.model, model_config=architecture))
+  return plan.make_run_plan(config, tasks), options
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -231,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from pipeline.run import run_inference  # pylint: disable=g-import-not-at-top
   started = time.time()
   try:
-    run_plan, options, architecture = prepare(argv)
+    run_plan, options = prepare(argv)
   except (LaunchError, plan.PlanError) as e:
     print(f't5beam: error: {e}', file=sys.stderr)
     return 2
@@ -244,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     result = run_inference(
         run_plan, options,
-        on_claimed=lambda c: _start(c, architecture, reporter))
+        on_claimed=lambda c: _start(c, reporter))
   except plan.PlanError as e:  # a different run, or a live one, holds the dir
     print(f't5beam: error: {e}', file=sys.stderr)
     return 2
@@ -272,10 +276,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return 0
 
 
-def _start(config, architecture, reporter):
+def _start(config, reporter):
   """Once the run holds its output directory: config.gin, model-info.txt,
   and the progress line."""
-  write_run_info(config, architecture)
+  write_run_info(config)
   if reporter:
     reporter.start()
 

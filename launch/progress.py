@@ -61,8 +61,9 @@ class ProgressReporter:
       total += sum(len(chunks) for chunks in sizes.values())
       examples_total += sum(counts.values())
       for shard, chunk in task_layout.finished_chunks(num_shards):
-        done += 1
-        examples_done += sizes[shard][chunk]
+        if chunk < len(sizes.get(shard, ())):
+          done += 1
+          examples_done += sizes[shard][chunk]
     return done, (total if known else None), examples_done, examples_total
 
   def line(self) -> str:

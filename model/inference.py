@@ -197,6 +197,9 @@ def _example_keys(rng: Optional[jax.Array], batch_size: int,
       raise ValueError('temperature sampling needs an rng key: one key, or '
                        'one per example ([batch, 2] uint32)')
     return np.zeros((batch_size, 2), np.uint32)
+  dtype = getattr(rng, 'dtype', None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)  # a typed key (jax.random.key)
   keys = np.asarray(rng)
   if keys.shape == (2,):
     return np.asarray(jax.random.split(rng, batch_size))

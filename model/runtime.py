@@ -57,6 +57,18 @@ def xla_cpu_flags() -> str:
   return f'--{_YNN_FLAG}=individual_dot'
 
 
+def keep_tensorflow_off_accelerators():
+  """Keeps TensorFlow (SeqIO's tf.data, TF checkpoint reading) off GPUs and
+  TPUs, which JAX owns: TensorFlow would otherwise reserve most of the GPU
+  memory on first use."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+    tf.config.set_visible_devices([], 'TPU')
+  except (RuntimeError, ValueError):
+    pass  # already initialised, or no such device type
+
+
 def configure_xla_cpu() -> bool:
   """Adds the CPU decoding flags to XLA_FLAGS if JAX has not started yet.
 

@@ -17,9 +17,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from model import files
+from model import runtime
 from pipeline import inference, lock, plan
 from pipeline.config import InferConfig
-from pipeline.read import NAMESPACE, hide_accelerators_from_tensorflow
+from pipeline.inference import NAMESPACE
 
 # Failure injection for tests of Beam's retries: "task:shard:chunk=marker"
 # raises once, in the middle of that chunk's inference, unless `marker`
@@ -71,7 +72,7 @@ class InferChunk(beam.DoFn):
     self._vocabularies = {}
 
   def setup(self):
-    hide_accelerators_from_tensorflow()
+    runtime.keep_tensorflow_off_accelerators()
     plan.prepare_tasks(self._config)
     spec = self._config.model
     self._model = self._model_handle.acquire(

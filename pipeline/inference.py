@@ -36,7 +36,10 @@ import numpy as np
 from model.config import DEFAULT_RESTORE_DTYPE, T5Config
 from model.decoding import DecodingConfig
 
+# Beam metrics of the pipeline and of T5ModelHandler.
+NAMESPACE = 't5beam'
 MODES = ('predict', 'score', 'predict_with_aux')
+DTYPES = ('float32', 'bfloat16', 'float16')
 FEATURES = ('encoder_input_tokens', 'decoder_input_tokens',
             'decoder_target_tokens', 'decoder_loss_weights')
 
@@ -53,7 +56,8 @@ class ModelSpec:
   mode: 'predict', 'score' or 'predict_with_aux'; decoding: how to decode
   (greedy by default). output_ids adds `prediction_tokens`;
   return_intermediates adds each target token's score in score mode.
-  seed: the sampling keys' seed (each example folds in its identity).
+  seed: the sampling keys' seed (each example's key hashes it with the
+  example's identity).
   """
   checkpoint_path: str
   task_feature_lengths: Mapping[str, int]
@@ -69,16 +73,21 @@ class ModelSpec:
 
   def __post_init__(self):
     if self.mode not in MODES:
-      raise ValueError(f'infer.mode {self.mode!r} is not one of {MODES}')
+      raise ValueError(f'mode (infer.mode) {self.mode!r} is not one of '
+                       f'{MODES}')
     if self.batch_size < 1:
       raise ValueError(f'batch_size must be at least 1, got '
                        f'{self.batch_size}')
+    for name in ('restore_dtype', 'activation_dtype'):
+      value = getattr(self, name)
+      if value is not None and value not in DTYPES:
+        raise ValueError(f'{name} {value!r} is not one of {DTYPES}')
     for feature in ('inputs', 'targets'):
       if feature not in self.task_feature_lengths:
         raise ValueError(
-            f'TASK_FEATURE_LENGTHS {dict(self.task_feature_lengths)} lacks '
-            f'{feature!r}; an encoder-decoder model needs both inputs and '
-            'targets lengths')
+            f'task_feature_lengths (TASK_FEATURE_LENGTHS) '
+            f'{dict(self.task_feature_lengths)} lacks {feature!r}; an '
+            'encoder-decoder model needs both inputs and targets lengths')
 
   @property
   def input_length(self) -> int:
@@ -110,14 +119,26 @@ class ModelSpec:
 # --- sampling keys ------------------------------------------------------------
 
 
-def _identity_bytes(part: Any) -> bytes:
+def identity_bytes(part: Any) -> bytes:
+  """A stable encoding of an identity part: str, bytes, int, float, bool,
+  None, or tuples and lists of them. TypeError for anything else, whose
+  repr may differ between processes."""
   if isinstance(part, bytes):
     return b'b' + part
   if isinstance(part, str):
     return b's' + part.encode('utf-8')
-  if isinstance(part, (int, np.integer)) and not isinstance(part, bool):
+  if part is None or isinstance(part, (bool, np.bool_)):
+    return b'n' + repr(None if part is None else bool(part)).encode()
+  if isinstance(part, (int, np.integer)):
     return b'i' + str(int(part)).encode()
-  return b'r' + repr(part).encode('utf-8')
+  if isinstance(part, (float, np.floating)):
+    return b'f' + float(part).hex().encode()
+  if isinstance(part, (tuple, list)):
+    inner = [identity_bytes(p) for p in part]
+    return b't' + b''.join(len(p).to_bytes(8, 'little') + p for p in inner)
+  raise TypeError(f'a {type(part).__name__} cannot identify an example for '
+                  'sampling (its repr may differ between processes); use '
+                  'str, bytes, numbers or tuples of them')
 
 
 def example_key(seed: int, identity: Sequence[Any]) -> np.ndarray:
@@ -126,10 +147,7 @@ def example_key(seed: int, identity: Sequence[Any]) -> np.ndarray:
   example gets the same key in any batch, worker or rerun."""
   digest = hashlib.blake2b(digest_size=8)
   digest.update(str(int(seed)).encode())
-  for part in identity:
-    encoded = _identity_bytes(part)
-    digest.update(len(encoded).to_bytes(8, 'little'))
-    digest.update(encoded)
+  digest.update(identity_bytes(tuple(identity)))
   return np.frombuffer(digest.digest(), np.uint32).copy()
 
 
@@ -181,7 +199,6 @@ class LoadedModel:
                compile_seconds: float):
     self.spec = spec
     self.model = model
-    self.pid = os.getpid()
     self.load_seconds = load_seconds
     self.compile_seconds = compile_seconds
     self._lock = threading.Lock()

@@ -1,6 +1,8 @@
-"""The output layout, defined once: every file name of a run, and which
-examples form which chunk. Reading, inference, the merge, planning and the
-progress line all ask here; nothing else builds or parses these names.
+"""The output layout, defined once: the file names of every task's outputs
+and of the run record, and which examples form which chunk. Reading,
+inference, the merge, planning and the progress line all ask here. (The run
+lock's files are pipeline.lock's; config.gin and model-info.txt the
+launcher's.)
 
 Layout of INFER_OUTPUT_DIR (one set per task; a Mixture gives one per
 sub-task):
@@ -43,7 +45,7 @@ class TaskLayout:
 
   def owns(self, name: str) -> bool:
     """Whether `name` (in the output directory) is one of this task's."""
-    return name == f'tmp-{self.stem}' or name.startswith(f'{self.stem}.')
+    return owned_by_task(name, self.task, self.mode)
 
   # --- chunk arithmetic --------------------------------------------------------
 
@@ -111,6 +113,13 @@ class TaskLayout:
   @property
   def manifest_path(self) -> str:
     return files.join(self.output_dir, f'{self.stem}.manifest.json')
+
+
+def owned_by_task(name: str, task: str, mode: str) -> bool:
+  """Whether `name` in an output directory is one of the files of `task`'s
+  outputs in `mode` (its chunk directory, outputs, markers, manifest)."""
+  stem = f'{task}-{mode}'
+  return name == f'tmp-{stem}' or name.startswith(f'{stem}.')
 
 
 def parse_chunk_name(name: str) -> Optional[Tuple[int, int, int]]:

@@ -28,7 +28,8 @@ content: identical unkeyed elements draw identical samples.
 
 import copy
 import dataclasses
-from typing import Any, Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import (Any, Dict, Iterable, Mapping, NamedTuple, Optional,
+                    Sequence, Union)
 
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler
@@ -41,7 +42,7 @@ from model import config as model_config_lib
 from model.config import T5Config
 from model.decoding import DecodingConfig
 from pipeline import inference
-from pipeline.read import NAMESPACE
+from pipeline.inference import NAMESPACE
 
 
 class PreparedExample(NamedTuple):
@@ -79,7 +80,8 @@ class T5ModelHandler(ModelHandler):
     seqio.Vocabulary, or None: then inputs are token ids and predictions
     token ids. `dtype`: the restore dtype (None: the project default,
     model.config.DEFAULT_RESTORE_DTYPE). `decoding`: greedy when None;
-    `num_decodes` and `return_all_decodes` set its fields. `kwargs`: Beam's
+    `num_decodes` and `return_all_decodes` set its fields when they are not
+    at their defaults (a `decoding` that says otherwise is refused). `kwargs`: Beam's
     ModelHandler options (`large_model`, `model_copies`, `min_batch_size`,
     `max_batch_size` (default `batch_size`), ...).
 
@@ -88,12 +90,8 @@ class T5ModelHandler(ModelHandler):
     if isinstance(model, str):
       model = model_config_lib.preset(model)
     architecture = checkpoints.resolve_architecture(checkpoint_path, model)
-    if decoding is None:
-      decoding = DecodingConfig(num_decodes=num_decodes,
-                                return_all_decodes=return_all_decodes)
-    elif num_decodes != 1 or return_all_decodes:
-      decoding = dataclasses.replace(decoding, num_decodes=num_decodes,
-                                     return_all_decodes=return_all_decodes)
+    decoding = _with_decodes(decoding or DecodingConfig(), num_decodes,
+                             return_all_decodes)
     self._spec = inference.ModelSpec(
         checkpoint_path=checkpoint_path,
         task_feature_lengths=dict(task_feature_lengths),
@@ -106,6 +104,12 @@ class T5ModelHandler(ModelHandler):
         output_ids=output_ids,
         return_intermediates=return_intermediates,
         seed=seed)
+    if vocabulary is not None and (vocabulary.vocab_size >
+                                   architecture.vocab_size):
+      raise ValueError(
+          f'the vocabulary has {vocabulary.vocab_size} ids but the model at '
+          f'{checkpoint_path!r} has {architecture.vocab_size}: pass the '
+          'vocabulary the model was trained with')
     self._vocabulary = vocabulary
     self._validates = True
     kwargs.setdefault('max_batch_size', batch_size)
@@ -159,7 +163,14 @@ class T5ModelHandler(ModelHandler):
     return KeyedModelHandler(unchecked).with_preprocess_fn(self.prepare_keyed)
 
   def prepare_keyed(self, keyed_element):
+    """(key, element) -> (key, PreparedExample); the element's sampling key
+    comes from `key`."""
+    if not (isinstance(keyed_element, tuple) and len(keyed_element) == 2):
+      raise TypeError(f'the keyed handler takes (key, element) pairs, got '
+                      f'a {type(keyed_element).__name__}')
     key, element = keyed_element
+    if self._spec.decoding.needs_rng:
+      inference.identity_bytes(key)  # TypeError for a key with no stable form
     return key, self.prepare(element, key)
 
   # --- checking and encoding elements ------------------------------------------
@@ -203,7 +214,7 @@ class T5ModelHandler(ModelHandler):
       if self._vocabulary is None:
         raise ValueError(f'{name} is text but the handler has no vocabulary: '
                          'pass vocabulary=..., or give token ids')
-      if not value.strip():
+      if not value:
         raise ValueError(f'{name} is empty')
       ids = list(self._vocabulary.encode(value))[:length - 1]
       return np.asarray(ids + [self._vocabulary.eos_id], np.int32)
@@ -211,7 +222,10 @@ class T5ModelHandler(ModelHandler):
         value, (Sequence, np.ndarray)):
       raise TypeError(f'{name} of type {type(value).__name__}: give a str or '
                       'a sequence of int token ids')
-    ids = np.asarray(value)
+    try:
+      ids = np.asarray(value)
+    except ValueError:  # ragged nesting
+      ids = np.asarray(None)
     if ids.size == 0:
       raise ValueError(f'{name} is empty')
     if ids.ndim != 1 or ids.dtype.kind not in 'iu':
@@ -222,7 +236,29 @@ class T5ModelHandler(ModelHandler):
     if bad.size:
       raise ValueError(f'{name} has token id {int(bad[0])} outside the '
                        f'model\'s vocabulary of {vocab_size} ids')
+    if not ids.all():
+      raise ValueError(f'{name} has token id 0, which is padding: the model '
+                       'would skip it')
     if ids.size > length:
       raise ValueError(f'{name} has {ids.size} token ids, more than its '
                        f'feature length {length} (task_feature_lengths)')
     return ids.astype(np.int32)
+
+
+def _with_decodes(decoding: DecodingConfig, num_decodes: int,
+                  return_all_decodes: bool) -> DecodingConfig:
+  """`decoding` with the handler's num_decodes / return_all_decodes where
+  those are not at their defaults; ValueError where `decoding` already says
+  something else."""
+  changes = {}
+  for name, value, default in (('num_decodes', num_decodes, 1),
+                               ('return_all_decodes', return_all_decodes,
+                                False)):
+    own = getattr(decoding, name)
+    if value == default or value == own:
+      continue
+    if own != default:
+      raise ValueError(f'{name}={value!r} contradicts decoding.{name}='
+                       f'{own!r}; give it in one place')
+    changes[name] = value
+  return dataclasses.replace(decoding, **changes) if changes else decoding

@@ -238,8 +238,7 @@ def _differences(old: Dict, new: Dict) -> str:
 def _clear_run(config: InferConfig, existing: Dict):
   """Removes the files of the run `existing` (its run record) describes."""
   mode = existing.get('settings', {}).get('mode', '')
-  layouts = [TaskLayout(config.output_dir, task, mode, 1, 1)
-             for task in existing.get('tasks', [])]
+  tasks = existing.get('tasks', [])
   for name in files.list_names(config.output_dir):
-    if any(task_layout.owns(name) for task_layout in layouts):
+    if any(layout_lib.owned_by_task(name, task, mode) for task in tasks):
       files.remove(files.join(config.output_dir, name))

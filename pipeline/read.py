@@ -13,22 +13,12 @@ from apache_beam.metrics import Metrics
 import numpy as np
 
 from model import files
+from model import runtime
 from pipeline import plan
 from pipeline.config import InferConfig
+from pipeline.inference import NAMESPACE
 
-NAMESPACE = 't5beam'
 SHARD_COUNTS = 'shard_counts'
-
-
-def hide_accelerators_from_tensorflow():
-  """Keeps TensorFlow (SeqIO's tf.data) off GPUs and TPUs, which JAX owns:
-  TensorFlow would otherwise reserve most of the GPU memory on first use."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-    tf.config.set_visible_devices([], 'TPU')
-  except (RuntimeError, ValueError):
-    pass  # already initialised, or no such device type
 
 
 def _json_value(value: Any) -> Any:
@@ -79,7 +69,7 @@ class ReadShard(beam.DoFn):
     self._finished = {p.name: p.finished for p in task_plans}
 
   def setup(self):
-    hide_accelerators_from_tensorflow()
+    runtime.keep_tensorflow_off_accelerators()
     plan.prepare_tasks(self._config)
 
   def process(self, element: Tuple[str, int, int]):

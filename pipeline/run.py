@@ -26,7 +26,7 @@ from model import files
 from pipeline import lock, plan
 from pipeline.config import InferConfig
 from pipeline.infer_and_write import InferAndWrite
-from pipeline.read import NAMESPACE
+from pipeline.inference import NAMESPACE
 
 
 @dataclasses.dataclass

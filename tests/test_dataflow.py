@@ -209,7 +209,7 @@ def test_flex_template_parameters_launch_a_scheduled_run(tmp_path):
   }
   argv = [f'--{k}={v}' for k, v in values.items()] + ['--runner=FnApiRunner']
   # Every parameter reaches the run's configuration.
-  run_plan, _, _ = infer.prepare(flex_template.to_launch_argv(argv))
+  run_plan, _ = infer.prepare(flex_template.to_launch_argv(argv))
   config = run_plan.config
   assert config.model.checkpoint_path == str(train / 'checkpoint_4000')
   assert config.task_feature_lengths == {'inputs': 16, 'targets': 8}

@@ -24,10 +24,21 @@ def env(tmp_path_factory):
 
 
 _LAUNCHED = {}
+# Beam search, all decodes with their scores: T5X's gin, and the handler's
+# arguments for the same.
+BEAM_GIN = ('infer.decode_fn = @decoding.beam_search\n'
+            'infer.num_decodes = 2\ninfer.return_all_decodes = True\n')
+
+
+def beam_search_options():
+  from model.decoding import DecodingConfig  # pylint: disable=g-import-not-at-top
+  return dict(decoding=DecodingConfig('beam_search', alpha=0.6),
+              num_decodes=2, return_all_decodes=True)
 
 
 def launched_records(env, task: str, mode: str):
-  """The records `python -m launch.infer` writes for the task (cached)."""
+  """The records `python -m launch.infer` writes for the task (cached);
+  predict_with_aux runs beam search."""
   if (task, mode) not in _LAUNCHED:
     directory = env['tmp'].mktemp(f'launch-{mode}')
     gin_file = os.path.join(directory, 'my_infer.gin')
@@ -41,7 +52,7 @@ RestoreCheckpointConfig.dtype = 'float32'
 DatasetConfig.batch_size = 4
 infer.mode = '{mode}'
 infer.output_ids = {mode == 'predict'}
-""")
+""" + (BEAM_GIN if mode == 'predict_with_aux' else ''))
     output = directory / 'out'
     status, stderr = helpers.launch([f'--gin_file={gin_file}',
                                      f'--gin.INFER_OUTPUT_DIR="{output}"'])
@@ -107,6 +118,7 @@ def _result(result):
 
 @pytest.mark.parametrize('task,mode', [(SENTENCEPIECE, 'predict'),
                                        (SENTENCEPIECE, 'score'),
+                                       (SENTENCEPIECE, 'predict_with_aux'),
                                        (TOKEN_IDS, 'predict'),
                                        (TOKEN_IDS, 'score')])
 def test_users_pipeline_gets_what_launch_infer_writes(env, tmp_path, task,
@@ -124,7 +136,8 @@ def test_users_pipeline_gets_what_launch_infer_writes(env, tmp_path, task,
   # Unkeyed: a str (or token ids) alone in predict mode, the mapping in
   # score mode; keyed: (index, mapping).
   unkeyed = [e if mode == 'score' else e['inputs'] for e in elements]
-  handler = make_handler(env, task, mode)
+  handler = make_handler(env, task, mode, **(
+      beam_search_options() if mode == 'predict_with_aux' else {}))
 
   def build(pipeline):
     plain = (pipeline
@@ -154,6 +167,43 @@ def test_users_pipeline_gets_what_launch_infer_writes(env, tmp_path, task,
         len(x['prediction_tokens']) for x in expected) * 2
     assert all(isinstance(x['prediction'], str if task == SENTENCEPIECE
                           else list) for x in expected)
+
+
+def test_each_bad_element_is_refused_with_its_reason(env):
+  handler = make_handler(env, SENTENCEPIECE, 'score')
+  handler.prepare({'inputs': 'a question', 'targets': [5, 1]})  # runs
+  for element, reason in (
+      ('only inputs', "score mode needs the element's 'targets'"),
+      ({'inputs': '', 'targets': 'x'}, 'inputs is empty'),
+      ({'inputs': [], 'targets': 'x'}, 'inputs is empty'),
+      ({'inputs': [5, 0, 1], 'targets': 'x'}, 'token id 0, which is padding'),
+      ({'inputs': [5, -2], 'targets': 'x'}, 'token id -2 outside'),
+      ({'inputs': list(range(2, 30)), 'targets': 'x'},
+       '28 token ids, more than its feature length 24'),
+      ({'inputs': [[5, 6], [7]], 'targets': 'x'}, 'flat sequence of int'),
+      ({'inputs': [1.5, 2.0], 'targets': 'x'}, 'flat sequence of int'),
+      ({'inputs': b'bytes', 'targets': 'x'}, 'inputs of type bytes'),
+      (('key', 'text'), r'\(key, element\) pairs need handler.keyed'),
+      (None, 'element of type NoneType')):
+    with pytest.raises((ValueError, TypeError), match=reason):
+      handler.prepare(element)
+  with pytest.raises(TypeError, match='takes \\(key, element\\) pairs'):
+    handler.prepare_keyed('not a pair')
+
+
+def test_decoding_settings_given_twice_must_agree(env):
+  from model.decoding import DecodingConfig  # pylint: disable=g-import-not-at-top
+  sampling = DecodingConfig('temperature_sample', topk=0, num_decodes=3)
+  handler = make_handler(env, SENTENCEPIECE, 'predict', decoding=sampling,
+                         return_all_decodes=True)
+  assert handler.spec.decoding.num_decodes == 3
+  assert handler.spec.decoding.return_all_decodes
+  with pytest.raises(ValueError, match='num_decodes=2 contradicts '
+                     'decoding.num_decodes=3'):
+    make_handler(env, SENTENCEPIECE, 'predict', decoding=sampling,
+                 num_decodes=2)
+  with pytest.raises(ValueError, match='greedy decoding gives one decode'):
+    make_handler(env, SENTENCEPIECE, 'predict', num_decodes=2)
 
 
 def test_bad_elements_go_to_the_failed_output_and_the_rest_run(env,
@@ -233,6 +283,9 @@ def test_sampling_keys_follow_the_key_or_the_content_not_the_batch(env):
   assert first.inference != second.inference  # other keys, other samples
   assert np.array_equal(inference.example_key(7, ('key', 'a')),
                         inference.example_key(7, ('key', 'a')))
+  # A key with no stable form cannot seed samples in every process alike.
+  with pytest.raises(TypeError, match='cannot identify an example'):
+    handler.prepare_keyed((object(), texts[0]))
 
 
 def readme_examples():
