@@ -16,6 +16,8 @@ import seqio
 
 from model import checkpoints
 from model import config as model_config_lib
+from model import partitioning as partitioning_lib
+from model.partitioning import Partitioning
 from model.config import T5Config
 from model.decoding import DecodingConfig
 from pipeline import plan
@@ -118,6 +120,7 @@ def infer(*,  # pylint: disable=invalid-name
           num_decodes: int = 1,
           return_all_decodes: bool = False,
           seed: int = 0,
+          partitioner: Optional[Partitioning] = None,
           lock_expiry_seconds: float = 900.0,
           lock_startup_seconds: float = 3600.0,
           wait_until_finish: bool = True) -> InferConfig:
@@ -152,7 +155,8 @@ def infer(*,  # pylint: disable=invalid-name
       decoding=decoding,
       output_ids=output_ids,
       return_intermediates=return_intermediates,
-      seed=seed)
+      seed=seed,
+      partitioning=partitioner or Partitioning())
   return InferConfig(
       mixture_or_task_name=task_name,
       output_dir=output,
@@ -198,6 +202,53 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def package_path(relative: str = gin.REQUIRED) -> str:
   """A path inside the installed t5beam (for the shipped demo checkpoint)."""
   return os.path.join(REPO_ROOT, relative)
+
+
+@gin.configurable(module='partitioning')
+def PjitPartitioner(num_partitions: Optional[int] = None,  # pylint: disable=invalid-name
+                    model_parallel_submesh: Optional[Sequence[int]] = None,
+                    params_on_devices: bool = True,
+                    backend: Optional[str] = None,
+                    ici_mesh_shape: Optional[Sequence[int]] = None,
+                    dcn_mesh_shape: Optional[Sequence[int]] = None,
+                    logical_axis_rules: Optional[Sequence] = None
+                    ) -> Partitioning:
+  """T5X's PjitPartitioner: the model axis size (num_partitions, or the
+  product of model_parallel_submesh) and the logical axis rules. The data
+  axis is every other device of the worker."""
+  if ici_mesh_shape is not None or dcn_mesh_shape is not None:
+    raise ValueError('partitioning.PjitPartitioner.ici_mesh_shape and '
+                     'dcn_mesh_shape describe multi-host meshes; t5beam '
+                     'workers are single hosts: set num_partitions instead')
+  if not params_on_devices:
+    raise ValueError('partitioning.PjitPartitioner.params_on_devices=False '
+                     '(parameters kept in host memory) is not supported; '
+                     'set num_partitions so the parameters fit the devices')
+  del backend  # the worker's default backend
+  return Partitioning(
+      num_partitions=num_partitions,
+      model_parallel_submesh=(tuple(model_parallel_submesh)
+                              if model_parallel_submesh else None),
+      logical_axis_rules=(tuple(tuple(rule) for rule in logical_axis_rules)
+                          if logical_axis_rules is not None else
+                          partitioning_lib.STANDARD_RULES))
+
+
+@gin.configurable(module='partitioning')
+def standard_logical_axis_rules(activation_partitioning_dims: int = 1,
+                                parameter_partitioning_dims: int = 1,
+                                additional_rules: Optional[Sequence] = None):
+  """T5X's default rules (batch on 'data'; vocab, mlp, heads, joined_kv on
+  'model'), then `additional_rules`: a rule is used for a logical axis only
+  when no earlier one applies."""
+  if activation_partitioning_dims != 1 or parameter_partitioning_dims != 1:
+    raise ValueError(
+        'partitioning.standard_logical_axis_rules: only 1-D partitioning '
+        '(activation_partitioning_dims = parameter_partitioning_dims = 1) is '
+        'supported; write the 2-D rules out in PjitPartitioner.'
+        'logical_axis_rules')
+  return partitioning_lib.STANDARD_RULES + tuple(
+      tuple(rule) for rule in (additional_rules or ()))
 
 
 @gin.configurable(module='decoding')

@@ -13,6 +13,7 @@ line naming what is wrong and what to do.
 
 import dataclasses
 import logging
+import math
 import sys
 import time
 import tokenize
@@ -149,6 +150,48 @@ def check_checkpoint(spec):
     raise LaunchError(str(e)) from e
 
 
+def worker_devices(options) -> Optional[Tuple[str, int]]:
+  """(accelerator type, devices per worker VM) that Dataflow's
+  `worker_accelerator` service option asks for, or None when the flags do
+  not say (a CPU job, or a runner that is not Dataflow)."""
+  from apache_beam.options.pipeline_options import GoogleCloudOptions  # pylint: disable=g-import-not-at-top
+  service_options = options.view_as(GoogleCloudOptions).dataflow_service_options
+  for option in service_options or ():
+    name, _, value = option.partition('=')
+    if name != 'worker_accelerator':
+      continue
+    fields = dict(part.partition(':')[::2] for part in value.split(';'))
+    if 'topology' in fields:  # TPU: chips = the topology's product
+      sizes = [int(s) for s in fields['topology'].lower().split('x')]
+      return fields.get('type', 'tpu'), math.prod(sizes)
+    return fields.get('type', 'gpu'), int(fields.get('count', 1))
+  return None
+
+
+def check_mesh(spec, architecture, options):
+  """The model axis divides the model's dimensions; on Dataflow, where the
+  flags say each worker's devices, also the devices and the batch."""
+  from model import partitioning  # pylint: disable=g-import-not-at-top
+  try:
+    spec.partitioning.check_model(architecture)
+    devices = worker_devices(options)
+    if devices is not None:
+      kind, count = devices
+      mesh = spec.partitioning.make_mesh(
+          [_FlagDevice(kind)] * count)
+      partitioning.check_batch(spec.batch_size, mesh)
+  except partitioning.PartitioningError as e:
+    raise LaunchError(str(e)) from e
+
+
+class _FlagDevice:
+  """A device a worker will have, as the flags describe it (for checking a
+  mesh's arithmetic at launch; never used to run anything)."""
+
+  def __init__(self, platform: str):
+    self.platform = platform
+
+
 def check_vocabularies(tasks, vocabulary):
   """Every task feature's vocabulary equals the model's."""
   if vocabulary is None:
@@ -179,10 +222,18 @@ def write_run_info(config):
   from model import files  # pylint: disable=g-import-not-at-top
   files.write_atomically(files.join(config.output_dir, 'config.gin'),
                          gin.operative_config_str().encode('utf-8'))
+  from model import partitioning  # pylint: disable=g-import-not-at-top
   architecture = config.model.model_config
-  lines = [f'# {config.model.checkpoint_path}', f'# {architecture}']
+  rules = config.model.partitioning.logical_axis_rules
+  specs = partitioning.parameter_specs(architecture, rules)
+  lines = [f'# {config.model.checkpoint_path}', f'# {architecture}',
+           f'# model axis (num_partitions): '
+           f'{config.model.partitioning.model_axis_size}; the data axis is '
+           'every other device of a worker',
+           f'# {"parameter":<68} {"shape":<16} logical axes -> partition spec']
   for name, shape in checkpoints.expected_shapes(architecture).items():
-    lines.append(f'{name:<70} {shape}')
+    axes, spec = specs[name]
+    lines.append(f'{name:<70} {str(shape):<16} {axes} -> {spec}')
   lines.append(f'# total parameters: {architecture.num_parameters():,}')
   files.write_atomically(files.join(config.output_dir, 'model-info.txt'),
                          ('\n'.join(lines) + '\n').encode('utf-8'))
@@ -214,6 +265,7 @@ def prepare(argv: Sequence[str]):
   except plan.PlanError as e:
     raise LaunchError(str(e)) from e
   architecture = check_checkpoint(config.model)
+  check_mesh(config.model, architecture, options)
   check_vocabularies(tasks, vocabulary)
   config = dataclasses.replace(config, model=dataclasses.replace(
       config.model, model_config=architecture))

@@ -52,6 +52,10 @@ class T5Config:
   pad_id: int = 0
   eos_id: int = 1
   decoder_start_id: int = 0
+  # Not an architecture setting: the size of the mesh's model axis, which
+  # fused kernels are laid out for (model.network.fused_kernel). Set by
+  # InferenceModel from its mesh.
+  model_axis_size: int = 1
 
   def __post_init__(self):
     if self.feed_forward not in _FEED_FORWARD:

@@ -16,16 +16,18 @@ import functools
 import logging
 import os
 import time
-from typing import Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
 
 from model import checkpoints
 from model import decoding as decoding_lib
+from model import partitioning as partitioning_lib
 from model import screened_argmax
 from model.config import DEFAULT_RESTORE_DTYPE, T5Config
-from model.network import Transformer, prepare_variables
+from model.network import (Transformer, prepare_variables,
+                           variables_logical_axes)
 
 Batch = Mapping[str, np.ndarray]
 
@@ -39,11 +41,15 @@ def _halve_on_cpu_by_default() -> bool:
 
 
 class InferenceModel:
-  """A T5 model with its parameters placed on the default device."""
+  """A T5 model with its parameters placed on this process's devices: on
+  the default device, or over a ('data', 'model') mesh of every local
+  device (`partitioning`)."""
 
   def __init__(self, config: T5Config, params,
                concurrent_halves: Optional[bool] = None,
-               screen_argmax: Optional[bool] = None):
+               screen_argmax: Optional[bool] = None,
+               partitioning: Optional[partitioning_lib.Partitioning] = None,
+               devices: Optional[Sequence[Any]] = None):
     """`concurrent_halves`: decode big batches as two halves running at once
     (default: on a CPU backend with at least 2 cores). XLA's CPU matmuls
     keep both cores busy, but a decoding step also has memory-bound work
@@ -59,21 +65,42 @@ class InferenceModel:
     float32 activations on a CPU with bfloat16 dot instructions. It keeps
     a transposed float32 and a bfloat16 copy of the output layer (T5 1.1
     small: 99 MB).
+
+    `partitioning` (T5X's PjitPartitioner settings): with it, the model
+    runs on a mesh of `devices` (default: every local device) when that
+    has more than one device: parameters split by the logical axis rules
+    (each device holds its share of a partitioned parameter), each batch
+    split over the data axis. The concurrent halves and the screened
+    arg-max are off on a mesh (the data axis already splits the batch; the
+    screen's error bound is for CPU float32 only).
     """
+    checkpoints.check_shapes(config, params, source='the given parameters')
+    self.partitioning = partitioning or partitioning_lib.Partitioning()
+    self.mesh = None
+    if partitioning is not None:
+      mesh = self.partitioning.make_mesh(devices)
+      if mesh.size > 1:
+        self.partitioning.check_model(config)
+        self.mesh = mesh
+        config = config.replace(model_axis_size=mesh.shape['model'])
     self.config = config
     if concurrent_halves is None:
-      concurrent_halves = _halve_on_cpu_by_default()
+      concurrent_halves = _halve_on_cpu_by_default() and self.mesh is None
     self.concurrent_halves = concurrent_halves
     self._halves_pool = None
     self.module = Transformer(config)
-    checkpoints.check_shapes(config, params, source='the given parameters')
     # Only the prepared variables are kept: fused kernels replace the
     # kernels they were made from, so memory stays that of the checkpoint.
-    self.variables = prepare_variables(self.module, jax.device_put(params))
+    self.variables = self._place(prepare_variables(self.module,
+                                                   self._place(params)))
     if screen_argmax is None:
-      screen_argmax = screened_argmax.worthwhile(config.vocab_size,
-                                                 config.dtype)
+      screen_argmax = (self.mesh is None and screened_argmax.worthwhile(
+          config.vocab_size, config.dtype))
     elif screen_argmax:
+      if self.mesh is not None:
+        raise ValueError('the screened arg-max runs on one device, not on '
+                         f'a mesh of {self.mesh.size}; leave screen_argmax '
+                         'unset')
       screened_argmax.check_applicable(config.dtype)
     self.argmax_screen = None
     if screen_argmax:
@@ -85,6 +112,38 @@ class InferenceModel:
         static_argnames=('max_length', 'eos_id', 'config', 'return_scores'))
     self._score = jax.jit(
         functools.partial(decoding_lib.token_log_likelihoods, self.module))
+
+  def _placement(self):
+    """The context decoding and scoring are traced in: activations are
+    placed on the mesh by the logical axis rules (nothing without one)."""
+    return partitioning_lib.active(self.mesh,
+                                   self.partitioning.logical_axis_rules)
+
+  def _place(self, variables):
+    """`variables` on the device, or split over the mesh by their logical
+    axes (each device receives only its part of each array)."""
+    if self.mesh is None:
+      return jax.device_put(variables)
+    axes = variables_logical_axes(variables)
+    return jax.device_put(variables, partitioning_lib.shardings(
+        axes, self.mesh, self.partitioning.logical_axis_rules))
+
+  def _place_batch(self, *arrays: np.ndarray):
+    """Batch-major arrays split over the data axis (as they are without a
+    mesh); the batch must divide evenly."""
+    if self.mesh is None:
+      return arrays
+    partitioning_lib.check_batch(arrays[0].shape[0], self.mesh)
+    return tuple(jax.device_put(a, jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec(partitioning_lib.DATA)))
+                 for a in arrays)
+
+  @property
+  def mesh_shape(self) -> Dict[str, int]:
+    """{'data': d, 'model': m} of the devices this model runs on."""
+    if self.mesh is None:
+      return {partitioning_lib.DATA: 1, partitioning_lib.MODEL: 1}
+    return dict(self.mesh.shape)
 
   @classmethod
   def load(cls, path: str, config: Optional[T5Config] = None,
@@ -152,7 +211,9 @@ class InferenceModel:
     concurrent halves when that is on and the batch is big and even (one
     compiled shape)."""
     def decode_to_numpy(tokens_and_keys):
-      return tuple(np.asarray(x) for x in decode(*tokens_and_keys))
+      with self._placement():  # in this thread (the halves run in a pool)
+        return tuple(np.asarray(x) for x in decode(
+            *self._place_batch(*tokens_and_keys)))
 
     size = encoder_input_tokens.shape[0]
     if not (self.concurrent_halves and size % 2 == 0 and
@@ -180,10 +241,12 @@ class InferenceModel:
     targets = np.asarray(batch['decoder_target_tokens'], np.int32)
     if weights is None:
       weights = targets > 0
-    token_scores = np.asarray(self._score(
-        self.variables, np.asarray(batch['encoder_input_tokens'], np.int32),
+    arrays = self._place_batch(
+        np.asarray(batch['encoder_input_tokens'], np.int32),
         np.asarray(batch['decoder_input_tokens'], np.int32), targets,
-        np.asarray(weights)))
+        np.asarray(weights))
+    with self._placement():
+      token_scores = np.asarray(self._score(self.variables, *arrays))
     scores = token_scores.sum(axis=-1)
     return (scores, token_scores) if return_token_scores else scores
 

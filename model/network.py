@@ -13,7 +13,7 @@ The network has three entry points:
   decoding loop in `model.decoding` calls it inside `lax.while_loop`.
 """
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import flax
 import flax.linen as nn
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import partitioning
 from model.config import T5Config
 
 # Added to attention logits where attention is not allowed. Finite so that a
@@ -86,9 +87,14 @@ class Kernel(nn.Module):
     return self.param('kernel', init, self.shape, _dtype(self.param_dtype))
 
 
-# Kernels that are used side by side, concatenated along their output axis
-# so that one matmul does the work of several. `prepare_variables` computes
-# these once per model; without it they are concatenated on every call.
+# Kernels that are used side by side, joined along their output axis so
+# that one matmul does the work of several. With a model axis of m devices
+# the output axis is laid out in m blocks, block i holding the i-th m-th of
+# every kernel ([q_0 k_0 v_0 | q_1 k_1 v_1 | ...]), so that splitting it
+# over the model axis gives each device whole heads (or MLP columns) of
+# every part and no data moves; with m = 1 this is plain concatenation.
+# `prepare_variables` computes these once per model; without it they are
+# joined on every call.
 FUSED_GROUPS = {
     'qkv': ('query', 'key', 'value'),
     'q': ('query',),
@@ -99,16 +105,39 @@ PREPARED = 'prepared'
 
 
 def fused_kernel(module: nn.Module, group: str, kernels) -> Array:
-  """The concatenation of `kernels()` in the activation dtype, taken from the
-  'prepared' collection when `prepare_variables` stored it there."""
+  """`kernels()` joined [d_model, n * out] in the activation dtype and the
+  block layout above, taken from the 'prepared' collection when
+  `prepare_variables` stored it there."""
   if module.has_variable(PREPARED, group):
     return module.get_variable(PREPARED, group)
   dtype = _dtype(module.config.dtype)
   parts = [k.astype(dtype) for k in kernels()]
-  fused = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
-  if module.is_mutable_collection(PREPARED) and len(parts) > 1:
+  if len(parts) == 1:
+    return parts[0]
+  blocks = module.config.model_axis_size
+  d_model, out = parts[0].shape
+  # n x [d_model, out] -> [d_model, blocks, n, out / blocks]
+  fused = jnp.stack([p.reshape(d_model, blocks, out // blocks)
+                     for p in parts], axis=2)
+  fused = fused.reshape(d_model, len(parts) * out)
+  if module.is_mutable_collection(PREPARED):
     module.put_variable(PREPARED, group, fused)
   return fused
+
+
+def fused_matmul(x: Array, fused: Array, parts: int,
+                 blocks: int) -> List[Array]:
+  """x [..., d_model] times each of the `parts` kernels joined in `fused`
+  (block layout of `blocks`): `parts` arrays [..., out], from one matmul."""
+  projected = jnp.dot(x.astype(fused.dtype), fused)
+  if parts == 1:
+    return [projected]
+  out = fused.shape[-1] // parts
+  # [..., parts * out] -> [..., blocks, parts, out / blocks]
+  projected = projected.reshape(projected.shape[:-1] +
+                                (blocks, parts, out // blocks))
+  return [projected[..., i, :].reshape(projected.shape[:-3] + (out,))
+          for i in range(parts)]
 
 
 class RMSNorm(nn.Module):
@@ -188,11 +217,11 @@ class MultiHeadAttention(nn.Module):
 
   def _project(self, x: Array, group: str) -> List[Array]:
     names = FUSED_GROUPS[group]
-    fused = fused_kernel(self, group, lambda: [getattr(self, n)() for n in names])
-    # [batch, length, d_model] -> [batch, length, n * heads * d_kv]
-    projected = jnp.dot(x.astype(fused.dtype), fused)
-    return [self._split_heads(p)
-            for p in jnp.split(projected, len(names), axis=-1)]
+    fused = fused_kernel(self, group,
+                         lambda: [getattr(self, n)() for n in names])
+    # [batch, length, d_model] -> n x [batch, length, heads, d_kv]
+    return [self._split_heads(p) for p in fused_matmul(
+        x, fused, len(names), self.config.model_axis_size)]
 
   def project_qkv(self, x: Array) -> List[Array]:
     return self._project(x, 'qkv')
@@ -274,8 +303,9 @@ class MlpBlock(nn.Module):
     x = x.astype(dtype)
     if cfg.gated:
       fused = fused_kernel(self, 'wi', lambda: [self.wi_0(), self.wi_1()])
-      # [batch, length, d_model] -> [batch, length, 2 * d_ff]
-      gate, linear = jnp.split(jnp.dot(x, fused), 2, axis=-1)
+      # [batch, length, d_model] -> 2 x [batch, length, d_ff]
+      gate, linear = fused_matmul(x.astype(dtype), fused, 2,
+                                  cfg.model_axis_size)
       hidden = activation(gate) * linear
     else:
       hidden = activation(jnp.dot(x, self.wi().astype(dtype)))
@@ -456,6 +486,8 @@ class Transformer(nn.Module):
 
   def encode(self, encoder_input_tokens: Array) -> Array:
     """[batch, in_len] int -> [batch, in_len, d_model]."""
+    encoder_input_tokens = partitioning.constrain(encoder_input_tokens,
+                                                  ('batch', 'length'))
     mask = encoder_input_tokens > 0
     return self.encoder(self.token_embedder(encoder_input_tokens), mask)
 
@@ -467,7 +499,8 @@ class Transformer(nn.Module):
   def step_cross_kv(self, encoded: Array) -> List[KeyValue]:
     """`precompute_cross_kv` in the layout decoding steps read:
     [batch, heads, in_len, d_kv] each."""
-    return [(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    return [(partitioning.constrain(k.transpose(0, 2, 1, 3), CACHE_AXES),
+             partitioning.constrain(v.transpose(0, 2, 1, 3), CACHE_AXES))
             for k, v in self.decoder.cross_kv(encoded)]
 
   def __call__(self, encoder_input_tokens: Array,
@@ -509,8 +542,46 @@ class Transformer(nn.Module):
     cfg = self.config
     shape = (batch_size, cfg.num_heads, length, cfg.d_kv)
     dtype = _dtype(cfg.dtype)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-            for _ in range(cfg.num_decoder_layers)]
+
+    def zeros():
+      return partitioning.constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+    return [(zeros(), zeros()) for _ in range(cfg.num_decoder_layers)]
+
+
+# The logical axes of every variable, by its name (the rules in
+# model.partitioning say which mesh axis each lives on).
+_KERNEL_AXES = {
+    'query': ('embed', 'joined_kv'), 'key': ('embed', 'joined_kv'),
+    'value': ('embed', 'joined_kv'), 'out': ('joined_kv', 'embed'),
+    'wi': ('embed', 'mlp'), 'wi_0': ('embed', 'mlp'),
+    'wi_1': ('embed', 'mlp'), 'wo': ('mlp', 'embed'),
+    'logits_dense': ('embed', 'vocab'),
+}
+_PREPARED_AXES = {'qkv': ('embed', 'joined_kv'), 'kv': ('embed', 'joined_kv'),
+                  'wi': ('embed', 'mlp')}
+# Decoding caches and cross-attention keys/values, [batch, heads, len, d_kv].
+CACHE_AXES = ('batch', 'heads', 'length', 'kv')
+
+
+def logical_axes(path: Tuple[str, ...]) -> Tuple[Optional[str], ...]:
+  """The logical axes of the variable at `path` (its keys from the top of
+  `{'params': ...}` or `{'prepared': ...}`)."""
+  collection, name = path[0], path[-1]
+  if collection == PREPARED:
+    return _PREPARED_AXES[name]
+  if name == 'embedding':
+    return ('vocab', 'embed')
+  if name == 'rel_embedding':
+    return ('heads', 'relpos_buckets')
+  if name == 'scale':
+    return ('embed',)
+  return _KERNEL_AXES[path[-2]]  # .../<kernel name>/kernel
+
+
+def variables_logical_axes(variables) -> Any:
+  """A tree like `variables` with each array's logical axes."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: logical_axes(tuple(k.key for k in path)), variables)
 
 
 def prepare_variables(module: Transformer, params) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -52,6 +52,8 @@ class ChunkStats:
   examples: int
   decoded_tokens: int
   seconds: float
+  # The worker's device mesh: (data axis, model axis).
+  mesh: Tuple[int, int] = (1, 1)
 
 
 class InferChunk(beam.DoFn):
@@ -119,5 +121,6 @@ class InferChunk(beam.DoFn):
     logging.info('t5beam: %s shard %d chunk %d: %d examples in %.2f s '
                  '(%.1f examples/s)', task_name, shard, chunk, len(examples),
                  seconds, len(examples) / max(seconds, 1e-9))
+    mesh = self._model.mesh_shape()
     yield task_name, ChunkStats(shard, chunk, len(examples), decoded_tokens,
-                                seconds)
+                                seconds, (mesh['data'], mesh['model']))

@@ -35,6 +35,7 @@ import numpy as np
 
 from model.config import DEFAULT_RESTORE_DTYPE, T5Config
 from model.decoding import DecodingConfig
+from model.partitioning import Partitioning
 
 # Beam metrics of the pipeline and of T5ModelHandler.
 NAMESPACE = 't5beam'
@@ -58,6 +59,8 @@ class ModelSpec:
   return_intermediates adds each target token's score in score mode.
   seed: the sampling keys' seed (each example's key hashes it with the
   example's identity).
+  partitioning: T5X's PjitPartitioner settings; the model runs on a
+  ('data', 'model') mesh of every local device of the worker.
   """
   checkpoint_path: str
   task_feature_lengths: Mapping[str, int]
@@ -70,6 +73,7 @@ class ModelSpec:
   output_ids: bool = False
   return_intermediates: bool = False
   seed: int = 0
+  partitioning: Partitioning = Partitioning()
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -113,6 +117,9 @@ class ModelSpec:
         'output_ids': self.output_ids,
         'return_intermediates': self.return_intermediates,
         'seed': self.seed,
+        # The model axis and rules decide how sums split over devices (their
+        # order, so near-ties); the data axis is whatever the worker has.
+        'partitioning': self.partitioning.to_dict(),
     }
 
 
@@ -204,6 +211,10 @@ class LoadedModel:
     self._lock = threading.Lock()
     self._load_reported = False
 
+  def mesh_shape(self) -> Dict[str, int]:
+    """{'data': d, 'model': m}: the devices the model runs on."""
+    return self.model.mesh_shape
+
   def take_load_report(self) -> Optional[float]:
     """Seconds the load and compile took, the first time it is asked (so a
     shared model's load is counted once); None afterwards."""
@@ -244,16 +255,21 @@ def load_model(spec: ModelSpec) -> LoadedModel:
   start = time.perf_counter()
   model = InferenceModel.load(spec.checkpoint_path, spec.model_config,
                               dtype=spec.restore_dtype,
-                              activation_dtype=spec.activation_dtype)
+                              activation_dtype=spec.activation_dtype,
+                              partitioning=spec.partitioning)
+  if model.mesh is not None:
+    from model import partitioning  # pylint: disable=g-import-not-at-top
+    partitioning.check_batch(spec.batch_size, model.mesh)
   loaded_at = time.perf_counter()
   loaded = LoadedModel(spec, model, loaded_at - start, 0.0)
   warm_up = model_features([1], [1], spec)
   loaded.run(stack_batch([warm_up], spec.batch_size),
              np.zeros((spec.batch_size, 2), np.uint32))
   loaded.compile_seconds = time.perf_counter() - loaded_at
-  logging.info('t5beam: process %d loaded the model in %.1f s and compiled '
-               'batch shape %d in %.1f s', os.getpid(), loaded.load_seconds,
-               spec.batch_size, loaded.compile_seconds)
+  logging.info('t5beam: process %d loaded the model in %.1f s onto mesh %s '
+               'and compiled batch shape %d in %.1f s', os.getpid(),
+               loaded.load_seconds, model.mesh_shape, spec.batch_size,
+               loaded.compile_seconds)
   return loaded
 
 

@@ -92,6 +92,7 @@ class PlanMerge(beam.DoFn):
         'examples_inferred_this_run': sum(s.examples for s in stats),
         'decoded_tokens_this_run': sum(s.decoded_tokens for s in stats),
         'inference_seconds_this_run': sum(s.seconds for s in stats),
+        'meshes_this_run': sorted({tuple(s.mesh) for s in stats}),
     }))
 
 
@@ -166,6 +167,9 @@ class WriteManifest(beam.DoFn):
             'examples_inferred': summary['examples_inferred_this_run'],
             'decoded_tokens': summary['decoded_tokens_this_run'],
             'inference_seconds': round(seconds, 3),
+            # The ('data', 'model') device meshes the chunks ran on.
+            'meshes': [{'data': data, 'model': model}
+                       for data, model in summary['meshes_this_run']],
             'examples_per_second': round(
                 summary['examples_inferred_this_run'] / seconds, 2)
                                    if seconds else None,
