@@ -1,0 +1,120 @@
+"""Run by tests/test_mesh.py in a child process with 8 forced CPU devices:
+decodes and scores test models on every mesh shape and prints what the
+test asserts, as JSON (one line, last)."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model import runtime  # pylint: disable=g-import-not-at-top
+
+runtime.configure_xla_cpu()
+os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from model import network, partitioning  # pylint: disable=wrong-import-position
+from model.config import T5Config  # pylint: disable=wrong-import-position
+from model.decoding import DecodingConfig  # pylint: disable=wrong-import-position
+from model.inference import InferenceModel  # pylint: disable=wrong-import-position
+
+MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
+BATCH = 8
+
+
+def style_config(style: str, **changes) -> T5Config:
+  """A T5 1.0-style (ReLU, logits from the embedding) or 1.1-style (gated
+  GELU, separate logits layer) model whose dimensions 8 divides."""
+  settings = dict(vocab_size=256, d_model=32, num_heads=8, d_kv=4, d_ff=64,
+                  num_encoder_layers=2, num_decoder_layers=2)
+  if style == 't5_1_0':
+    settings.update(feed_forward='relu', logits_via_embedding=True)
+  settings.update(changes)
+  return T5Config(**settings)
+
+
+def batch_of(rng) -> dict:
+  inputs = rng.integers(2, 256, (BATCH, 10)).astype(np.int32)
+  inputs[:, 7:] = np.where(rng.random((BATCH, 3)) < 0.5, 0, inputs[:, 7:])
+  targets = rng.integers(2, 256, (BATCH, 6)).astype(np.int32)
+  return {'encoder_input_tokens': inputs,
+          'decoder_input_tokens': np.concatenate(
+              [np.zeros((BATCH, 1), np.int32), targets[:, :-1]], 1),
+          'decoder_target_tokens': targets,
+          'decoder_loss_weights': np.ones_like(targets)}
+
+
+def outputs(model, batch) -> dict:
+  beam_tokens, beam_scores = model.predict_batch(
+      batch, decoding=DecodingConfig('beam_search', num_decodes=2,
+                                     return_all_decodes=True),
+      return_scores=True)
+  greedy_tokens, greedy_scores = model.predict_batch(batch,
+                                                     return_scores=True)
+  return {'greedy': greedy_tokens.tolist(),
+          'greedy_scores': greedy_scores.tolist(),
+          'beam': beam_tokens.tolist(), 'beam_scores': beam_scores.tolist(),
+          'score': model.score_batch(batch).tolist()}
+
+
+def shard_fractions(model) -> dict:
+  """Bytes on one device / bytes of the array, for a few parameters."""
+  params = model.variables['params']
+  prepared = model.variables['prepared']
+  arrays = {
+      'embedding': params['token_embedder']['embedding'],
+      'mlp_wo': params['decoder']['layers_0']['mlp']['wo']['kernel'],
+      'attention_out': params['encoder']['layers_0']['attention']['out'][
+          'kernel'],
+      'qkv': prepared['encoder']['layers_0']['attention']['qkv'],
+      'norm': params['encoder']['encoder_norm']['scale'],
+  }
+  return {name: [shard.data.nbytes / array.nbytes
+                 for shard in array.addressable_shards]
+          for name, array in arrays.items()}
+
+
+def refusal(make) -> str:
+  try:
+    make()
+  except (partitioning.PartitioningError, ValueError) as e:
+    return str(e)
+  return ''
+
+
+def main():
+  report = {}
+  rng = np.random.default_rng(0)
+  for style in ('t5_1_0', 't5_1_1'):
+    config = style_config(style)
+    params = network.init_params(config, 3)
+    batch = batch_of(rng)
+    one = InferenceModel(config, params, concurrent_halves=False)
+    report[style] = {'one_device': outputs(one, batch)}
+    for data, model_axis in MESHES:
+      model = InferenceModel(
+          config, params,
+          partitioning=partitioning.Partitioning(num_partitions=model_axis))
+      report[style][f'{data}x{model_axis}'] = dict(
+          outputs(model, batch), mesh=model.mesh_shape,
+          shards=shard_fractions(model))
+  six_heads = style_config('t5_1_1', num_heads=6)
+  report['refusals'] = {
+      'heads': refusal(lambda: InferenceModel(
+          six_heads, network.init_params(six_heads),
+          partitioning=partitioning.Partitioning(num_partitions=4))),
+      'batch': refusal(lambda: InferenceModel(
+          style_config('t5_1_1'), network.init_params(style_config('t5_1_1')),
+          partitioning=partitioning.Partitioning(num_partitions=2))
+                       .predict_batch({k: v[:6] for k, v in
+                                       batch_of(rng).items()})),
+      'devices': refusal(lambda: partitioning.Partitioning(
+          num_partitions=16).make_mesh()),
+  }
+  print(json.dumps(report))
+
+
+if __name__ == '__main__':
+  main()
