@@ -101,6 +101,19 @@ def user_checkout(tmp_path) -> str:
      'g2-standard-8'),
     ('tpu', 'worker_accelerator=type:tpu-v5-lite-podslice;topology:1x1',
      'ct5lp-hightpu-1t'),
+    # One VM, several accelerators, one SDK process owning them all.
+    ('tpu-v5e-2x2',
+     'worker_accelerator=type:tpu-v5-lite-podslice;topology:2x2',
+     'ct5lp-hightpu-4t'),
+    ('tpu-v5e-2x4',
+     'worker_accelerator=type:tpu-v5-lite-podslice;topology:2x4',
+     'ct5lp-hightpu-8t'),
+    ('gpu-4xl4',
+     'worker_accelerator=type:nvidia-l4;count:4;install-nvidia-driver',
+     'g2-standard-48'),
+    ('gpu-8xh100',
+     'worker_accelerator=type:nvidia-h100-80gb;count:8;install-nvidia-driver',
+     'a3-highgpu-8g'),
 ])
 def test_dry_run_builds_the_dataflow_job_offline(
     tmp_path, accelerator, service_option, machine_type):
@@ -171,6 +184,22 @@ def test_worker_images_use_the_pinned_beam_and_jax(name, jax_extra):
   assert f'"jax[{jax_extra}]=={pinned("jax")}"' in text
   assert 'pip install --no-cache-dir -r requirements.txt' in text
   assert re.search(r'^ENTRYPOINT \["/opt/apache/beam/boot"\]', text, re.M)
+
+
+def test_a_batch_the_workers_devices_cannot_split_is_refused_before_submitting(
+    tmp_path):
+  """The flags say each worker has 8 TPU chips: a batch of 20 cannot be
+  split over a data axis of 8, and the launcher says so at once."""
+  status, stderr = helpers.launch([
+      '--gin_file=examples/demo.gin', f'--gin.INFER_OUTPUT_DIR="{tmp_path}"',
+      '--gin.DatasetConfig.batch_size=20',
+      f'--flagfile={DATAFLOW}/tpu-v5e-2x4.flags', '--project=my-project',
+      '--region=us-central1', '--temp_location=gs://my-bucket/tmp',
+      '--dry_run=True'])
+  assert status == 2
+  assert ('t5beam: error: DatasetConfig.batch_size = 20 is not divisible by '
+          'the data axis of 8 device(s)') in stderr
+  assert os.listdir(tmp_path) == []
 
 
 def test_flex_template_parameters_launch_a_scheduled_run(tmp_path):
