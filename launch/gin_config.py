@@ -123,7 +123,8 @@ def infer(*,  # pylint: disable=invalid-name
           partitioner: Optional[Partitioning] = None,
           lock_expiry_seconds: float = 900.0,
           lock_startup_seconds: float = 3600.0,
-          wait_until_finish: bool = True) -> InferConfig:
+          wait_until_finish: bool = True,
+          skip_memory_check: bool = False) -> InferConfig:
   """Collects the run's settings (bound by runs/infer.gin) into InferConfig."""
   gin_model = model if isinstance(model, GinModel) else GinModel(None, None)
   checkpoint = restore_checkpoint_cfg.path
@@ -174,7 +175,8 @@ def infer(*,  # pylint: disable=invalid-name
       file_task=file_task,
       lock_expiry_seconds=lock_expiry_seconds,
       lock_startup_seconds=lock_startup_seconds,
-      wait_until_finish=wait_until_finish)
+      wait_until_finish=wait_until_finish,
+      skip_memory_check=skip_memory_check)
 
 
 @gin.configurable(module='t5beam')

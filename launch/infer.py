@@ -168,20 +168,56 @@ def worker_devices(options) -> Optional[Tuple[str, int]]:
   return None
 
 
-def check_mesh(spec, architecture, options):
+def check_mesh(config, architecture, options):
   """The model axis divides the model's dimensions; on Dataflow, where the
-  flags say each worker's devices, also the devices and the batch."""
-  from model import partitioning  # pylint: disable=g-import-not-at-top
+  flags say each worker's devices, also the devices and the batch, and the
+  estimated memory per device fits theirs. Logs the estimate."""
+  from model import memory, partitioning  # pylint: disable=g-import-not-at-top
+  spec = config.model
+  model_axis = spec.partitioning.model_axis_size
+  devices = worker_devices(options)
   try:
     spec.partitioning.check_model(architecture)
-    devices = worker_devices(options)
+    data = 1
     if devices is not None:
-      kind, count = devices
-      mesh = spec.partitioning.make_mesh(
-          [_FlagDevice(kind)] * count)
+      mesh = spec.partitioning.make_mesh([_FlagDevice(devices[0])] *
+                                         devices[1])
       partitioning.check_batch(spec.batch_size, mesh)
+      data = mesh.shape[partitioning.DATA]
   except partitioning.PartitioningError as e:
     raise LaunchError(str(e)) from e
+  settings = _memory_settings(spec)
+  need = memory.estimate(architecture, batch_size=spec.batch_size, data=data,
+                         model=model_axis, **settings)
+  where = (f'a ({data}, {model_axis}) mesh of {devices[1]} {devices[0]}'
+           if devices else f'a model axis of {model_axis} (data axis: the '
+           'other devices of the worker; estimated for one)')
+  logging.info('t5beam: estimated memory: %s on %s', need.describe(), where)
+  capacity = memory.ACCELERATOR_MEMORY.get(devices[0]) if devices else None
+  if (capacity is None or config.skip_memory_check or
+      need.total <= memory.USABLE_FRACTION * capacity):
+    return
+  fits, _ = memory.smallest_fitting_model_axis(
+      architecture, devices[1], capacity, batch_size=spec.batch_size,
+      **settings)
+  fix = (f'set partitioning.PjitPartitioner.num_partitions = {fits}'
+         if fits else 'no model axis over these devices fits: use a smaller '
+         'DatasetConfig.batch_size, bfloat16, or a bigger accelerator')
+  raise LaunchError(
+      f'the run needs {need.describe()} but a {devices[0]} has '
+      f'{capacity / memory.GiB:.0f} GiB: {fix}; or set '
+      'infer.skip_memory_check=True to run anyway (it is an estimate)')
+
+
+def _memory_settings(spec):
+  """The memory estimate's settings from a model spec."""
+  return dict(input_length=spec.input_length,
+              target_length=spec.target_length, mode=spec.mode,
+              strategy=spec.decoding.strategy,
+              num_decodes=spec.decoding.num_decodes,
+              param_dtype=spec.restore_dtype,
+              activation_dtype=spec.activation_dtype,
+              rules=spec.partitioning.logical_axis_rules)
 
 
 class _FlagDevice:
@@ -265,7 +301,7 @@ def prepare(argv: Sequence[str]):
   except plan.PlanError as e:
     raise LaunchError(str(e)) from e
   architecture = check_checkpoint(config.model)
-  check_mesh(config.model, architecture, options)
+  check_mesh(config, architecture, options)
   check_vocabularies(tasks, vocabulary)
   config = dataclasses.replace(config, model=dataclasses.replace(
       config.model, model_config=architecture))

@@ -53,6 +53,9 @@ class InferConfig:
   # False: submit the job and return (a Flex Template launch); the job then
   # keeps the lock alive from its workers and releases it at its end.
   wait_until_finish: bool = True
+  # Run even when the launcher's memory estimate says the model will not
+  # fit the workers' accelerators (it is an estimate).
+  skip_memory_check: bool = False
 
   def __post_init__(self):
     for name in ('checkpoint_period', 'num_output_shards'):

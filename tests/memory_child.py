@@ -1,0 +1,79 @@
+"""Run by tests/test_memory.py in a child process with 8 forced CPU devices:
+XLA's own memory analysis of compiled decoding and scoring next to
+model.memory's estimate, printed as JSON (one line, last)."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model import runtime  # pylint: disable=g-import-not-at-top
+
+runtime.configure_xla_cpu()
+os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from model import memory, network, partitioning  # pylint: disable=wrong-import-position
+from model.config import T5Config  # pylint: disable=wrong-import-position
+from model.decoding import DecodingConfig  # pylint: disable=wrong-import-position
+from model.inference import InferenceModel  # pylint: disable=wrong-import-position
+
+# (feed forward, (data, model), mode, decoding, batch, inputs, targets)
+CASES = (
+    ('gated-gelu', (2, 4), 'predict', DecodingConfig(), 256, 128, 64),
+    ('relu', (8, 1), 'predict', DecodingConfig(), 64, 64, 32),
+    ('gated-gelu', (1, 8), 'predict',
+     DecodingConfig('beam_search', num_decodes=4), 32, 64, 32),
+    ('relu', (2, 4), 'predict',
+     DecodingConfig('temperature_sample', topk=0, num_decodes=4), 32, 64, 32),
+    ('gated-gelu', (8, 1), 'score', DecodingConfig(), 64, 64, 64),
+    ('relu', (1, 8), 'predict', DecodingConfig(), 256, 128, 64),
+)
+
+
+def compiled_bytes(model, mode, decoding, batch, inputs, targets) -> int:
+  """Arguments + outputs + temporaries - aliased, per device, as XLA's
+  buffer assignment of the compiled program has them."""
+  tokens = np.ones((batch, inputs), np.int32)
+  with model._placement():  # pylint: disable=protected-access
+    if mode == 'score':
+      target = np.ones((batch, targets), np.int32)
+      args = model._place_batch(tokens, target, target, target)  # pylint: disable=protected-access
+      compiled = model._score.lower(model.variables, *args).compile()  # pylint: disable=protected-access
+    else:
+      args = model._place_batch(tokens, np.zeros((batch, 2), np.uint32))  # pylint: disable=protected-access
+      compiled = model._decode.lower(  # pylint: disable=protected-access
+          model.variables, *args, max_length=targets, eos_id=1,
+          config=decoding, return_scores=decoding.strategy != 'greedy',
+          argmax_screen=None).compile()
+  analysis = compiled.memory_analysis()
+  return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes +
+          analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def main():
+  results = []
+  for feed_forward, (data, model_axis), mode, decoding, batch, inputs, \
+      targets in CASES:
+    config = T5Config(vocab_size=4096, d_model=256, num_heads=8, d_kv=32,
+                      d_ff=1024, num_encoder_layers=3, num_decoder_layers=3,
+                      feed_forward=feed_forward)
+    model = InferenceModel(
+        config, network.init_params(config, 1), concurrent_halves=False,
+        partitioning=partitioning.Partitioning(num_partitions=model_axis))
+    need = memory.estimate(
+        config, batch_size=batch, input_length=inputs, target_length=targets,
+        mode=mode, strategy=decoding.strategy,
+        num_decodes=decoding.num_decodes, data=data, model=model_axis)
+    results.append({
+        'case': f'{feed_forward} {data}x{model_axis} {mode} '
+                f'{decoding.strategy} batch {batch}',
+        'xla': compiled_bytes(model, mode, decoding, batch, inputs, targets),
+        'estimate': need.total})
+  print(json.dumps(results))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,89 @@
+"""Will it fit? The launcher's per-device memory estimate, held against
+XLA's own buffer assignment, and the refusal it makes on Dataflow."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import pipeline_helpers as helpers
+
+DATAFLOW = os.path.join(helpers.REPO, 'launch', 'dataflow')
+
+
+def test_the_estimate_is_within_a_quarter_of_xla_memory_analysis():
+  result = subprocess.run(
+      [sys.executable, os.path.join(helpers.REPO, 'tests',
+                                    'memory_child.py')],
+      capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  cases = json.loads(result.stdout.strip().splitlines()[-1])
+  assert len(cases) == 6
+  for case in cases:
+    ratio = case['estimate'] / case['xla']
+    assert 0.75 <= ratio <= 1.25, (case, ratio)
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  return helpers.small_environment(tmp_path_factory)
+
+
+def xxl_gin(env, directory) -> str:
+  """T5 1.1 XXL (the architecture from its model Gin file; the checkpoint,
+  a TensorFlow one, is never read before the check refuses)."""
+  from tests import checkpoint_writers  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  prefix = checkpoint_writers.write_tensorflow_checkpoint(
+      os.path.join(directory, 'model.ckpt'), {'unused': np.zeros(1)})
+  spm = os.path.join(os.environ['T5BEAM_TEST_DATA'], 'spm.model')
+  path = os.path.join(directory, 'xxl.gin')
+  with open(path, 'w') as f:
+    f.write(f"""include 'runs/infer.gin'
+include 'models/t5_1_1_xxl.gin'
+CHECKPOINT_PATH = '{prefix}'
+MIXTURE_OR_TASK_NAME = 't5beam_test_sentencepiece'
+MIXTURE_OR_TASK_MODULE = 'tests.tasks'
+TASK_FEATURE_LENGTHS = {{'inputs': 512, 'targets': 128}}
+seqio.SentencePieceVocabulary.sentencepiece_model_file = '{spm}'
+""")
+  return path
+
+
+def launch_on_four_l4(gin_file, output, *extra):
+  return helpers.launch([
+      f'--gin_file={gin_file}', f'--gin.INFER_OUTPUT_DIR="{output}"',
+      f'--flagfile={DATAFLOW}/gpu-4xl4.flags', '--project=my-project',
+      '--region=us-central1', '--temp_location=gs://my-bucket/tmp',
+      '--dry_run=True', *extra])
+
+
+def test_a_model_too_big_for_the_accelerator_is_refused_naming_the_fix(
+    env, tmp_path):
+  status, stderr = launch_on_four_l4(xxl_gin(env, tmp_path), tmp_path / 'out')
+  assert status == 2
+  errors = [l for l in stderr.splitlines() if l.startswith('t5beam: error')]
+  assert len(errors) == 1, stderr
+  assert errors[0].startswith('t5beam: error: the run needs 2')
+  assert 'GiB per device (parameters 20.' in errors[0]
+  assert 'but a nvidia-l4 has 24 GiB' in errors[0]
+  assert 'set partitioning.PjitPartitioner.num_partitions = 2' in errors[0]
+  assert 'infer.skip_memory_check=True' in errors[0]
+  assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('setting', [
+    '--gin.partitioning.PjitPartitioner.num_partitions=2',
+    '--gin.infer.skip_memory_check=True'])
+def test_the_fix_or_the_override_passes_the_check(env, tmp_path, setting):
+  from launch import infer  # pylint: disable=g-import-not-at-top
+  argv = [f'--gin_file={xxl_gin(env, tmp_path)}',
+          f'--gin.INFER_OUTPUT_DIR="{tmp_path / "out"}"',
+          f'--flagfile={DATAFLOW}/gpu-4xl4.flags', setting]
+  gin_files, bindings, search_paths, beam_args = infer.split_flags(argv)
+  infer.parse_gin(gin_files, bindings, search_paths)
+  config, _ = infer.build_config()
+  infer.check_mesh(config, infer.check_checkpoint(config.model),
+                   infer.pipeline_options(beam_args))  # no LaunchError
