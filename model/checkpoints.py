@@ -11,11 +11,12 @@ Every reader returns parameters in the tree of `model.network.Transformer`,
 cast to the dtype asked for, as numpy arrays.
 """
 
+import collections
 import json
 import os
 import re
 import struct
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import fsspec
 import ml_dtypes
@@ -138,7 +139,8 @@ def read_config(path: str) -> Optional[T5Config]:
 
 
 def load_checkpoint(path: str, config: Optional[T5Config] = None,
-                    dtype: Optional[str] = None
+                    dtype: Optional[str] = None,
+                    shardings: Optional[Callable[[str], Any]] = None
                     ) -> Tuple[T5Config, Params]:
   """Reads the checkpoint at `path` as (config, params).
 
@@ -146,24 +148,62 @@ def load_checkpoint(path: str, config: Optional[T5Config] = None,
   Hugging Face checkpoints, with its config.json). `dtype` casts every
   parameter ('float32', 'bfloat16', 'float16'; None keeps the stored dtype)
   and becomes the config's `param_dtype`.
+
+  Without `shardings` the parameters are numpy arrays. With it (parameter
+  name -> a jax.sharding.Sharding), each parameter goes to its devices as
+  soon as it is read and cast, and its host copy is dropped: host memory
+  stays near the checkpoint's size, and no device holds more of a
+  partitioned parameter than its share. Orbax checkpoints are restored
+  straight into their shardings (each device reads its slice).
   """
   fmt = detect_format(path)
   if fmt == 'huggingface':
-    stored_config, params = read_huggingface(path)
+    stored_config, params = read_huggingface(path, dtype, shardings)
   elif fmt == 'tensorflow':
     stored_config, params = read_tensorflow(path, config)
   elif fmt == 't5x':
     stored_config, params = read_t5x(path, config)
   else:
-    stored_config, params = read_orbax(path, config)
+    stored_config, params = read_orbax(path, config, dtype, shardings)
   if config is not None:
     check_architecture(path, config, stored_config)
     stored_config = config
   check_shapes(stored_config, params, source=path)
   if dtype is not None:
-    params = cast_params(params, dtype)
     stored_config = stored_config.replace(param_dtype=dtype)
+  if shardings is not None and fmt not in ('huggingface', 'orbax'):
+    flat = flatten(params)
+    params = None  # the flat dict holds the only references now
+    params = _place_each(_popping(flat), dtype, shardings)
+  if shardings is not None:
+    return stored_config, params
+  if dtype is not None:
+    params = cast_params(params, dtype)
   return stored_config, params
+
+
+def _place_each(pairs: Iterable[Tuple[str, Any]], dtype: Optional[str],
+                shardings: Callable[[str], Any]) -> Params:
+  """Moves each (name, array) to its sharding, cast to `dtype`, as the
+  pairs come: one host array at a time is alive beyond what is placed."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from model import runtime  # pylint: disable=g-import-not-at-top
+  placed = {}
+  for name, value in pairs:
+    if dtype is not None and value.dtype != _NUMPY_DTYPES[dtype]:
+      value = value.astype(_NUMPY_DTYPES[dtype])
+    placed[name] = jax.device_put(value, shardings(name))
+    placed[name].block_until_ready()  # the host buffer is free only then
+    freed = value.nbytes
+    del value
+    runtime.release_freed_memory(freed)
+  return unflatten(placed)
+
+
+def _popping(flat: Dict[str, Any]) -> Iterable[Tuple[str, Any]]:
+  """The items of `flat`, each removed as it is given."""
+  for name in list(flat):
+    yield name, flat.pop(name)
 
 
 def resolve_architecture(path: str, given: Optional[T5Config]) -> T5Config:
@@ -199,10 +239,14 @@ def check_architecture(path: str, given: T5Config, stored: T5Config):
         'checkpoint or drop the model Gin file for Hugging Face checkpoints')
 
 
+_NUMPY_DTYPES = {'float32': np.dtype(np.float32),
+                 'bfloat16': np.dtype(ml_dtypes.bfloat16),
+                 'float16': np.dtype(np.float16)}
+
+
 def cast_params(params: Params, dtype: str) -> Params:
-  target = np.dtype(ml_dtypes.bfloat16) if dtype == 'bfloat16' else np.dtype(
-      dtype)
-  return _map_tree(lambda x: np.asarray(x).astype(target), params)
+  return _map_tree(lambda x: np.asarray(x).astype(_NUMPY_DTYPES[dtype]),
+                   params)
 
 
 def _map_tree(fn, tree):
@@ -310,29 +354,54 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-  """All tensors of one .safetensors file, by name.
+class _SafetensorsFiles:
+  """The tensors of one or more .safetensors files, read one at a time on
+  request (name -> numpy array, each in a buffer of its own).
 
   The format is an 8-byte little-endian header size, a JSON header of
   {name: {dtype, shape, data_offsets}}, then the raw little-endian data.
   """
-  with fsspec.open(path, 'rb') as f:
-    (header_size,) = struct.unpack('<Q', f.read(8))
-    header = json.loads(f.read(header_size))
-    data = f.read()
-  tensors = {}
-  for name, entry in header.items():
-    if name == '__metadata__':
-      continue
-    if entry['dtype'] not in _SAFETENSORS_DTYPES:
-      raise CheckpointError(f'{path!r}: tensor {name!r} has dtype '
-                            f'{entry["dtype"]!r}, which t5beam cannot read')
+
+  def __init__(self, paths: Iterable[str]):
+    self._entries = {}  # name -> (path, data start, entry)
+    for path in paths:
+      with fsspec.open(path, 'rb') as f:
+        (header_size,) = struct.unpack('<Q', f.read(8))
+        header = json.loads(f.read(header_size))
+      header.pop('__metadata__', None)
+      for name, entry in header.items():
+        if entry['dtype'] not in _SAFETENSORS_DTYPES:
+          raise CheckpointError(
+              f'{path!r}: tensor {name!r} has dtype {entry["dtype"]!r}, '
+              'which t5beam cannot read')
+        self._entries[name] = (path, 8 + header_size, entry)
+
+  def names(self) -> Iterable[str]:
+    """In file order, so reading them all reads each file front to back."""
+    return sorted(self._entries, key=lambda n: (self._entries[n][0],
+                                                self._entries[n][2][
+                                                    'data_offsets'][0]))
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._entries
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    path, start, entry = self._entries[name]
     begin, end = entry['data_offsets']
     dtype = _SAFETENSORS_DTYPES[entry['dtype']].newbyteorder('<')
-    array = np.frombuffer(data, dtype=dtype, count=(end - begin) //
-                          dtype.itemsize, offset=begin)
-    tensors[name] = array.reshape(entry['shape'])
-  return tensors
+    array = np.empty((end - begin) // dtype.itemsize, dtype)
+    with fsspec.open(path, 'rb') as f:
+      f.seek(start + begin)
+      if f.readinto(memoryview(array.view(np.uint8))) != end - begin:
+        raise CheckpointError(f'{path!r} ends inside tensor {name!r}; the '
+                              'file is truncated: copy it again')
+    return array.reshape(entry['shape'])
+
+
+def read_safetensors(path: str) -> Dict[str, np.ndarray]:
+  """All tensors of one .safetensors file, by name."""
+  source = _SafetensorsFiles([path])
+  return {name: source[name] for name in source.names()}
 
 
 def config_from_huggingface(hf: Mapping[str, Any]) -> T5Config:
@@ -409,7 +478,11 @@ def _huggingface_names(config: T5Config) -> Iterable[Tuple[str, str, bool]]:
     yield 'decoder/logits_dense/kernel', 'lm_head.weight', True
 
 
-def read_huggingface(path: str) -> Tuple[T5Config, Params]:
+def read_huggingface(path: str, dtype: Optional[str] = None,
+                     shardings: Optional[Callable[[str], Any]] = None
+                     ) -> Tuple[T5Config, Params]:
+  """(config, params) of a Hugging Face directory; with `shardings`, each
+  tensor is converted and placed as it is read (see `load_checkpoint`)."""
   config = config_from_huggingface(
       files.read_json(files.join(path, 'config.json')))
   index_path = files.join(path, 'model.safetensors.index.json')
@@ -417,43 +490,65 @@ def read_huggingface(path: str) -> Tuple[T5Config, Params]:
     shards = sorted(set(files.read_json(index_path)['weight_map'].values()))
   else:
     shards = ['model.safetensors']
-  tensors: Dict[str, np.ndarray] = {}
-  for name in shards:
-    tensors.update(read_safetensors(files.join(path, name)))
+  source = _SafetensorsFiles(files.join(path, name) for name in shards)
+  if shardings is not None:
+    return config, _place_each(
+        _huggingface_tensors(config, source, path), dtype, shardings)
+  tensors = {name: source[name] for name in source.names()}
   return config, params_from_huggingface(config, tensors, source=path)
 
 
 def params_from_huggingface(config: T5Config,
                             tensors: Mapping[str, np.ndarray],
                             source: str = 'state dict') -> Params:
-  """Our parameter tree from Hugging Face T5 tensors (name -> array)."""
-  tensors = dict(tensors)
-  if 'shared.weight' not in tensors:
-    # Deduplicating writers may keep only one name of the tied embedding.
-    for alias in ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight'):
-      if alias in tensors:
-        tensors['shared.weight'] = tensors[alias]
-        break
-  if config.logits_via_embedding:
-    head = tensors.get('lm_head.weight')
-    if head is not None and not np.array_equal(head, tensors['shared.weight']):
+  """Our parameter tree from Hugging Face T5 tensors (name -> array). A
+  dict given is consumed: each tensor leaves it once converted, so the
+  converted copies do not pile up beside the originals."""
+  return unflatten(dict(_huggingface_tensors(config, tensors, source)))
+
+
+def _huggingface_tensors(config: T5Config, tensors, source: str
+                         ) -> Iterable[Tuple[str, np.ndarray]]:
+  """(our name, array) of every parameter, converted one at a time from
+  `tensors` (a dict, emptied as it goes, or a _SafetensorsFiles)."""
+  def resolve(name: str) -> Optional[str]:
+    if name in tensors:
+      return name
+    if name == 'shared.weight':
+      # Deduplicating writers may keep only one name of the tied embedding.
+      for alias in ('encoder.embed_tokens.weight',
+                    'decoder.embed_tokens.weight'):
+        if alias in tensors:
+          return alias
+    if name == 'lm_head.weight' and not config.logits_via_embedding:
+      return resolve('shared.weight')  # tied to the embedding, unscaled
+    return None
+
+  if config.logits_via_embedding and 'lm_head.weight' in tensors:
+    shared = resolve('shared.weight')
+    if shared is not None and not np.array_equal(tensors['lm_head.weight'],
+                                                 tensors[shared]):
       raise CheckpointError(
           f'Hugging Face checkpoint {source!r} scales decoder outputs (a T5 '
           '1.0 model) but its lm_head.weight differs from shared.weight; set '
           '"tie_word_embeddings": false in config.json if the model has a '
           'separate output layer')
-  elif 'lm_head.weight' not in tensors and 'shared.weight' in tensors:
-    # Saved with the output layer tied to the embedding but unscaled.
-    tensors['lm_head.weight'] = tensors['shared.weight']
-  flat = {}
+  names = []
   for ours, theirs, transpose in _huggingface_names(config):
-    if theirs not in tensors:
+    stored = resolve(theirs)
+    if stored is None:
       raise CheckpointError(
           f'Hugging Face checkpoint {source!r} lacks tensor {theirs!r} (for '
           f'{ours!r}); is config.json the one saved with these weights?')
-    value = tensors[theirs]
-    flat[ours] = np.ascontiguousarray(value.T if transpose else value)
-  return unflatten(flat)
+    names.append((ours, stored, transpose))
+  uses = collections.Counter(stored for _, stored, _ in names)
+  for ours, stored, transpose in names:
+    value = tensors[stored]
+    uses[stored] -= 1
+    if not uses[stored] and isinstance(tensors, dict):
+      del tensors[stored]  # converted copies do not pile up beside them
+    yield ours, np.ascontiguousarray(value.T if transpose else value)
+    del value
 
 
 # --- Orbax --------------------------------------------------------------------
@@ -471,9 +566,12 @@ def save_orbax(path: str, config: T5Config, params: Params):
     f.write(config.to_json())
 
 
-def read_orbax(path: str, config: Optional[T5Config]
+def read_orbax(path: str, config: Optional[T5Config],
+               dtype: Optional[str] = None,
+               shardings: Optional[Callable[[str], Any]] = None
                ) -> Tuple[T5Config, Params]:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from model import runtime  # pylint: disable=g-import-not-at-top
   config_path = files.join(path, CONFIG_FILE)
   if files.exists(config_path):
     stored = T5Config.from_dict(files.read_json(config_path))
@@ -487,10 +585,59 @@ def read_orbax(path: str, config: Optional[T5Config]
   if not files.exists(files.join(path, '_METADATA')) and files.exists(
       files.join(path, 'state/_METADATA')):
     directory = files.join(directory, 'state')  # T5X: checkpoint_<step>/state
-  restored = ocp.PyTreeCheckpointer().restore(directory)
-  if 'target' in restored and 'token_embedder' not in restored:
-    restored = restored['target']  # a T5X train state: {target, state}
-  return stored, _map_tree(np.asarray, restored)
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(directory)
+  tree = getattr(getattr(tree, 'item_metadata', tree), 'tree', tree)
+  if 'target' in tree and 'token_embedder' not in tree:
+    # A T5X train state {target, state}: read it whole, keep the target.
+    restored = checkpointer.restore(directory, restore_args=_map_tree(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+    params = restored['target']
+    del restored
+    if shardings is not None:
+      params = _place_each(_popping(flatten(params)), dtype, shardings)
+    return stored, params
+  if shardings is None:
+    return stored, checkpointer.restore(directory, restore_args=_map_tree(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+  # Straight into each parameter's sharding (a device reads its slice), a
+  # batch of parameters at a time, so the host buffers Orbax reads through
+  # stay small beside what is placed.
+  metadata = flatten(tree)
+  placed = {}
+  for batch in _batches_of_bytes(metadata, _RESTORE_BATCH_BYTES):
+    args = unflatten({
+        name: ocp.ArrayRestoreArgs(
+            sharding=shardings(name),
+            dtype=_NUMPY_DTYPES[dtype] if dtype else None)
+        for name in batch})
+    restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+        item=unflatten({name: metadata[name] for name in batch}),
+        restore_args=args, partial_restore=True))
+    placed.update(flatten(restored))
+    del restored
+    runtime.release_freed_memory(sum(
+        int(np.prod(metadata[name].shape)) * np.dtype(metadata[name].dtype)
+        .itemsize for name in batch))
+  return stored, unflatten(placed)
+
+
+# Parameters restored together from an Orbax checkpoint (bytes, stored).
+_RESTORE_BATCH_BYTES = 16 << 20
+
+
+def _batches_of_bytes(metadata: Mapping[str, Any], limit: int):
+  """Names of `metadata`'s arrays in batches of about `limit` bytes."""
+  batch, size = [], 0
+  for name, info in metadata.items():
+    nbytes = int(np.prod(info.shape)) * np.dtype(info.dtype).itemsize
+    if batch and size + nbytes > limit:
+      yield batch
+      batch, size = [], 0
+    batch.append(name)
+    size += nbytes
+  if batch:
+    yield batch
 
 
 # --- TensorFlow / Mesh TensorFlow (the original T5 releases) ------------------

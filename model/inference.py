@@ -26,8 +26,8 @@ from model import decoding as decoding_lib
 from model import partitioning as partitioning_lib
 from model import screened_argmax
 from model.config import DEFAULT_RESTORE_DTYPE, T5Config
-from model.network import (Transformer, prepare_variables,
-                           variables_logical_axes)
+from model.network import (PREPARED, Transformer, logical_axes,
+                           prepare_variables, variables_logical_axes)
 
 Batch = Mapping[str, np.ndarray]
 
@@ -74,15 +74,15 @@ class InferenceModel:
     arg-max are off on a mesh (the data axis already splits the batch; the
     screen's error bound is for CPU float32 only).
     """
-    checkpoints.check_shapes(config, params, source='the given parameters')
+    prepared = set(params) == {'params', PREPARED}  # from `load`
+    if not prepared:
+      checkpoints.check_shapes(config, params, source='the given parameters')
     self.partitioning = partitioning or partitioning_lib.Partitioning()
-    self.mesh = None
-    if partitioning is not None:
-      mesh = self.partitioning.make_mesh(devices)
-      if mesh.size > 1:
-        self.partitioning.check_model(config)
-        self.mesh = mesh
-        config = config.replace(model_axis_size=mesh.shape['model'])
+    self.mesh = _mesh(partitioning, devices)
+    if self.mesh is not None:
+      self.partitioning.check_model(config)
+    config = config.replace(model_axis_size=self.mesh.shape[
+        partitioning_lib.MODEL] if self.mesh is not None else 1)
     self.config = config
     if concurrent_halves is None:
       concurrent_halves = _halve_on_cpu_by_default() and self.mesh is None
@@ -91,8 +91,11 @@ class InferenceModel:
     self.module = Transformer(config)
     # Only the prepared variables are kept: fused kernels replace the
     # kernels they were made from, so memory stays that of the checkpoint.
-    self.variables = self._place(prepare_variables(self.module,
-                                                   self._place(params)))
+    if prepared:
+      self.variables = self._place(params)
+    else:
+      self.variables = self._place(prepare_variables(self.module,
+                                                     self._place(params)))
     if screen_argmax is None:
       screen_argmax = (self.mesh is None and screened_argmax.worthwhile(
           config.vocab_size, config.dtype))
@@ -157,9 +160,24 @@ class InferenceModel:
     constructor.
     """
     start = time.perf_counter()
-    config, params = checkpoints.load_checkpoint(path, config, dtype)
-    config = config.replace(dtype=activation_dtype or dtype)
-    model = cls(config, params, **options)
+    partitioning = options.get('partitioning')
+    mesh = _mesh(partitioning, options.get('devices'))
+    architecture = config or checkpoints.read_config(path)
+    if mesh is not None and architecture is not None:
+      partitioning.check_model(architecture)  # before placing anything
+    config, params = checkpoints.load_checkpoint(
+        path, config, dtype, shardings=_parameter_shardings(
+            mesh, partitioning))
+    config = config.replace(
+        dtype=activation_dtype or dtype,
+        model_axis_size=mesh.shape[partitioning_lib.MODEL] if mesh else 1)
+    if mesh is not None:
+      partitioning.check_model(config)
+    # Joined kernels replace their parts one group at a time, so memory
+    # stays near the checkpoint's size.
+    variables = prepare_variables(Transformer(config), params, consume=True)
+    del params
+    model = cls(config, variables, **options)
     logging.info('Loaded %s (%d parameters, %s) in %.1f s', path,
                  config.num_parameters(), dtype, time.perf_counter() - start)
     return model
@@ -249,6 +267,27 @@ class InferenceModel:
       token_scores = np.asarray(self._score(self.variables, *arrays))
     scores = token_scores.sum(axis=-1)
     return (scores, token_scores) if return_token_scores else scores
+
+
+def _mesh(partitioning: Optional[partitioning_lib.Partitioning],
+          devices: Optional[Sequence[Any]]):
+  """The mesh `partitioning` makes of `devices` (default: every local
+  device), or None for no partitioning or a single device."""
+  if partitioning is None:
+    return None
+  mesh = partitioning.make_mesh(devices)
+  return mesh if mesh.size > 1 else None
+
+
+def _parameter_shardings(mesh, partitioning):
+  """Parameter name -> where it lives: split over `mesh` by its logical
+  axes, or on the default device."""
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return lambda name: device
+  rules = partitioning.logical_axis_rules
+  return lambda name: jax.sharding.NamedSharding(mesh, partitioning_lib.spec(
+      logical_axes(('params',) + tuple(name.split('/'))), rules))
 
 
 def _example_keys(rng: Optional[jax.Array], batch_size: int,

@@ -13,6 +13,7 @@ The network has three entry points:
   decoding loop in `model.decoding` calls it inside `lax.while_loop`.
 """
 
+import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 import flax
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import partitioning
+from model import runtime
 from model.config import T5Config
 
 # Added to attention logits where attention is not allowed. Finite so that a
@@ -584,29 +586,64 @@ def variables_logical_axes(variables) -> Any:
       lambda path, _: logical_axes(tuple(k.key for k in path)), variables)
 
 
-def prepare_variables(module: Transformer, params) -> Dict[str, Any]:
+# Which group of FUSED_GROUPS each module kind joins: the calls it makes
+# (self-attention projects q, k and v together; cross-attention projects
+# its query alone, from the decoder, and keys and values from the encoder).
+_MODULE_GROUPS = {'attention': 'qkv', 'self_attention': 'qkv',
+                  'encoder_decoder_attention': 'kv', 'mlp': 'wi'}
+
+
+@functools.partial(jax.jit, static_argnames=('dtype', 'blocks'))
+def _join(parts, dtype: str, blocks: int) -> Array:
+  """Kernels [d_model, out] joined in the block layout of `fused_kernel`."""
+  parts = [p.astype(_dtype(dtype)) for p in parts]
+  d_model, out = parts[0].shape
+  fused = jnp.stack([p.reshape(d_model, blocks, out // blocks)
+                     for p in parts], axis=2)
+  return fused.reshape(d_model, len(parts) * out)
+
+
+def prepare_variables(module: Transformer, params,
+                      consume: bool = False) -> Dict[str, Any]:
   """{'params': ..., 'prepared': ...}: the variables inference applies.
 
-  Concatenates every group of FUSED_GROUPS kernels once (in the activation
-  dtype) into the 'prepared' collection and drops the kernels so fused
-  from 'params', so memory stays about the same and no call re-concatenates.
+  Joins every group of FUSED_GROUPS kernels once (in the activation dtype,
+  in `fused_kernel`'s layout) into the 'prepared' collection and drops the
+  kernels so joined from 'params', so memory stays that of the parameters
+  and no call re-joins. One group is joined at a time; with `consume`,
+  `params` itself is emptied as it goes, so each group's kernels are freed
+  as soon as their join exists (peak memory: the parameters plus one
+  group), else `params` is left as it was.
   """
-  tokens = jnp.ones((1, 2), jnp.int32)
-  _, state = jax.jit(lambda p: module.apply(
-      {'params': p}, tokens, tokens, mutable=[PREPARED]))(params)
-  prepared = flax.core.unfreeze(state[PREPARED])
-  params = flax.core.unfreeze(params)
-  params = jax.tree_util.tree_map(lambda x: x, params)  # a copy to prune
+  cfg = module.config
 
-  def prune(prepared_node, params_node):
-    for name, value in prepared_node.items():
-      if name in FUSED_GROUPS and not isinstance(value, dict):
-        for kernel in FUSED_GROUPS[name]:
-          params_node.pop(kernel, None)
-      else:
-        prune(value, params_node[name])
+  def visit(node: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """The prepared variables under `node` (a module named `name`),
+    popping the kernels it joins from `node`."""
+    prepared = {}
+    group = _MODULE_GROUPS.get(name)
+    kernels = FUSED_GROUPS.get(group, ())
+    if group and len(kernels) > 1 and all(k in node for k in kernels):
+      parts = [node.pop(k)['kernel'] for k in kernels]
+      prepared[group] = _join(parts, cfg.dtype, cfg.model_axis_size)
+      prepared[group].block_until_ready()
+      freed = sum(part.nbytes for part in parts)
+      del parts
+      if consume:
+        runtime.release_freed_memory(freed)
+    for child, value in node.items():
+      if isinstance(value, dict) and child != 'kernel':
+        inner = visit(value, child)
+        if inner:
+          prepared[child] = inner
+    return prepared
 
-  prune(prepared, params)
+  def copy(node):
+    return {k: copy(v) if isinstance(v, dict) else v for k, v in node.items()}
+
+  if not (consume and isinstance(params, dict)):
+    params = copy(flax.core.unfreeze(params))
+  prepared = visit(params, '')
   return {'params': params, PREPARED: prepared}
 
 

@@ -1,0 +1,64 @@
+"""Restoring streams: a checkpoint goes to its devices tensor by tensor (or,
+for Orbax, straight into each device's slice), so the restore's peak host
+memory stays near the checkpoint's size, on one device and on a mesh."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import pipeline_helpers as helpers
+
+# T5 1.1 small with 8 heads (so a model axis of 8 divides it) and a wider
+# MLP: about 160M parameters, 640 MB in float32, big enough that a second
+# copy would show beside the fixed costs (TensorStore's caches, XLA's
+# allocator).
+HEADS, D_FF = 8, 4096
+
+
+@pytest.fixture(scope='module')
+def checkpoints_on_disk(tmp_path_factory):
+  """{format: path}, written by the libraries that own the formats:
+  transformers (safetensors) and Orbax."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from model import checkpoints, config as config_lib, network  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('restore')
+  config = config_lib.preset('t5_1_1_small', num_heads=HEADS, d_ff=D_FF)
+  torch.manual_seed(0)
+  hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+      vocab_size=config.vocab_size, d_model=config.d_model,
+      d_kv=config.d_kv, d_ff=config.d_ff,
+      num_layers=config.num_encoder_layers,
+      num_heads=config.num_heads, feed_forward_proj='gated-gelu',
+      tie_word_embeddings=False))
+  hf.save_pretrained(root / 'hf', safe_serialization=True)
+  del hf
+  orbax_path = str(root / 'orbax')
+  checkpoints.save_orbax(orbax_path, config, network.init_params(config))
+  return {'safetensors': str(root / 'hf'), 'orbax': orbax_path}
+
+
+@pytest.mark.parametrize('model_axis', [1, 8])
+@pytest.mark.parametrize('fmt', ['safetensors', 'orbax'])
+def test_restore_peak_memory_stays_near_the_checkpoint_size(
+    checkpoints_on_disk, fmt, model_axis):
+  path = checkpoints_on_disk[fmt]
+  result = subprocess.run(
+      [sys.executable, os.path.join(helpers.REPO, 'tests',
+                                    'restore_memory_child.py'),
+       path, str(model_axis)],
+      capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  # The parameters restored, in their stored dtype (float32): what the
+  # devices must hold; the restore may add at most half of it at its peak.
+  size = report['parameter_bytes']
+  assert size > 600e6
+  assert report['restore_peak_bytes'] < 1.5 * size, (
+      report['restore_peak_bytes'] / size)
+  if model_axis > 1:
+    assert report['mesh'] == {'data': 1, 'model': 8}
+    assert report['wo_shard_fraction'] == 1 / 8
