@@ -87,3 +87,10 @@ def test_the_fix_or_the_override_passes_the_check(env, tmp_path, setting):
   config, _ = infer.build_config()
   infer.check_mesh(config, infer.check_checkpoint(config.model),
                    infer.pipeline_options(beam_args))  # no LaunchError
+
+
+def test_the_readme_capacity_table_is_what_the_estimate_gives():
+  from launch import capacity  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(helpers.REPO, 'README.md'), encoding='utf-8') as f:
+    readme = f.read()
+  assert capacity.table(512, 128, 'bfloat16') in readme
