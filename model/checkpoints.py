@@ -5,10 +5,15 @@ Formats read here:
   listed in `model.safetensors.index.json`. The architecture comes from
   `config.json`. `pytorch_model.bin` is refused: reading it means unpickling.
 - Orbax checkpoints of our own parameter tree (`save_orbax` writes them),
-  with the architecture in `t5_config.json` beside the arrays.
+  with the architecture in `t5_config.json` beside the arrays, and T5X's
+  Orbax train states (`checkpoint_<step>/state`: only the target is read).
+- T5X's native checkpoints (a msgpack 'checkpoint' file whose arrays are
+  inline or TensorStore specs).
+- TensorFlow / Mesh TensorFlow checkpoints of the original T5 releases.
 
 Every reader returns parameters in the tree of `model.network.Transformer`,
-cast to the dtype asked for, as numpy arrays.
+cast to the dtype asked for: numpy arrays, or with `shardings` arrays
+placed on their devices as they are read (see `load_checkpoint`).
 """
 
 import collections
@@ -160,9 +165,9 @@ def load_checkpoint(path: str, config: Optional[T5Config] = None,
   if fmt == 'huggingface':
     stored_config, params = read_huggingface(path, dtype, shardings)
   elif fmt == 'tensorflow':
-    stored_config, params = read_tensorflow(path, config)
+    stored_config, params = read_tensorflow(path, config, dtype, shardings)
   elif fmt == 't5x':
-    stored_config, params = read_t5x(path, config)
+    stored_config, params = read_t5x(path, config, dtype, shardings)
   else:
     stored_config, params = read_orbax(path, config, dtype, shardings)
   if config is not None:
@@ -171,10 +176,6 @@ def load_checkpoint(path: str, config: Optional[T5Config] = None,
   check_shapes(stored_config, params, source=path)
   if dtype is not None:
     stored_config = stored_config.replace(param_dtype=dtype)
-  if shardings is not None and fmt not in ('huggingface', 'orbax'):
-    flat = flatten(params)
-    params = None  # the flat dict holds the only references now
-    params = _place_each(_popping(flat), dtype, shardings)
   if shardings is not None:
     return stored_config, params
   if dtype is not None:
@@ -182,22 +183,59 @@ def load_checkpoint(path: str, config: Optional[T5Config] = None,
   return stored_config, params
 
 
+class _LazyArray:
+  """An array read slice by slice when placed (a TensorStore array): each
+  device's slice is read on its own, so no host or device buffer holds
+  the whole array unless one device needs all of it."""
+
+  def __init__(self, store):
+    self.store = store
+    self.shape = tuple(store.shape)
+    self.dtype = np.dtype(store.dtype.numpy_dtype)
+
+  def read(self, index=()) -> np.ndarray:
+    return np.asarray(self.store[index].read().result())
+
+
 def _place_each(pairs: Iterable[Tuple[str, Any]], dtype: Optional[str],
-                shardings: Callable[[str], Any]) -> Params:
-  """Moves each (name, array) to its sharding, cast to `dtype`, as the
-  pairs come: one host array at a time is alive beyond what is placed."""
+                shardings: Callable[[str], Any],
+                expected: Optional[Mapping[str, Tuple[int, ...]]] = None,
+                source: str = '') -> Params:
+  """Moves each (name, array or _LazyArray) to its sharding, cast to
+  `dtype`, as the pairs come: one host array (or one device's slice of a
+  lazy one) at a time is alive beyond what is placed. With `expected`
+  shapes, a misshapen array is refused before it is placed."""
   import jax  # pylint: disable=g-import-not-at-top
   from model import runtime  # pylint: disable=g-import-not-at-top
+  cast = _NUMPY_DTYPES[dtype] if dtype is not None else None
   placed = {}
   for name, value in pairs:
-    if dtype is not None and value.dtype != _NUMPY_DTYPES[dtype]:
-      value = value.astype(_NUMPY_DTYPES[dtype])
+    if not isinstance(value, _LazyArray):
+      value = np.asarray(value)
+    if expected and name in expected and tuple(value.shape) != expected[
+        name]:
+      raise CheckpointError(_misshapen(name, source, tuple(value.shape),
+                                       expected[name]))
+    if isinstance(value, _LazyArray):
+      store = value
+      placed[name] = jax.make_array_from_callback(
+          store.shape, shardings(name),
+          lambda index, store=store: _cast(store.read(index), cast))
+      placed[name].block_until_ready()
+      del store, value
+      continue
+    value = _cast(value, cast)
     placed[name] = jax.device_put(value, shardings(name))
     placed[name].block_until_ready()  # the host buffer is free only then
     freed = value.nbytes
     del value
     runtime.release_freed_memory(freed)
   return unflatten(placed)
+
+
+def _cast(value: np.ndarray, dtype: Optional[np.dtype]) -> np.ndarray:
+  return value if dtype is None or value.dtype == dtype else value.astype(
+      dtype)
 
 
 def _popping(flat: Dict[str, Any]) -> Iterable[Tuple[str, Any]]:
@@ -337,10 +375,14 @@ def check_shapes(config: T5Config, params: Params, source: str):
         'matches the checkpoint')
   for name, shape in expected.items():
     if actual[name] != shape:
-      raise CheckpointError(
-          f'parameter {name!r} of checkpoint {source!r} has shape '
-          f'{actual[name]}, the model config expects {shape}; check that the '
-          'model config matches the checkpoint')
+      raise CheckpointError(_misshapen(name, source, actual[name], shape))
+
+
+def _misshapen(name: str, source: str, shape: Tuple[int, ...],
+               expected: Tuple[int, ...]) -> str:
+  return (f'parameter {name!r} of checkpoint {source!r} has shape {shape}, '
+          f'the model config expects {expected}; check that the model config '
+          'matches the checkpoint')
 
 
 # --- Hugging Face -------------------------------------------------------------
@@ -588,37 +630,34 @@ def read_orbax(path: str, config: Optional[T5Config],
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(directory)
   tree = getattr(getattr(tree, 'item_metadata', tree), 'tree', tree)
-  if 'target' in tree and 'token_embedder' not in tree:
-    # A T5X train state {target, state}: read it whole, keep the target.
-    restored = checkpointer.restore(directory, restore_args=_map_tree(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
-    params = restored['target']
-    del restored
-    if shardings is not None:
-      params = _place_each(_popping(flatten(params)), dtype, shardings)
-    return stored, params
-  if shardings is None:
-    return stored, checkpointer.restore(directory, restore_args=_map_tree(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
-  # Straight into each parameter's sharding (a device reads its slice), a
-  # batch of parameters at a time, so the host buffers Orbax reads through
-  # stay small beside what is placed.
-  metadata = flatten(tree)
+  # A T5X train state {target, state}: only the target is read.
+  prefix = ('target/' if 'target' in tree and 'token_embedder' not in tree
+            else '')
+  metadata = {name: info for name, info in flatten(tree).items()
+              if name.startswith(prefix)}
+  # With shardings: straight into each parameter's sharding (a device reads
+  # its slice), a batch of parameters at a time, so the host buffers Orbax
+  # reads through stay small beside what is placed.
   placed = {}
-  for batch in _batches_of_bytes(metadata, _RESTORE_BATCH_BYTES):
-    args = unflatten({
-        name: ocp.ArrayRestoreArgs(
-            sharding=shardings(name),
-            dtype=_NUMPY_DTYPES[dtype] if dtype else None)
-        for name in batch})
+  limit = _RESTORE_BATCH_BYTES if shardings is not None else None
+  for batch in _batches_of_bytes(metadata, limit):
+    if shardings is None:
+      args = {name: ocp.RestoreArgs(restore_type=np.ndarray)
+              for name in batch}
+    else:
+      args = {name: ocp.ArrayRestoreArgs(
+          sharding=shardings(name[len(prefix):]),
+          dtype=_NUMPY_DTYPES[dtype] if dtype else None) for name in batch}
     restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
         item=unflatten({name: metadata[name] for name in batch}),
-        restore_args=args, partial_restore=True))
-    placed.update(flatten(restored))
+        restore_args=unflatten(args), partial_restore=True))
+    placed.update((name[len(prefix):], value)
+                  for name, value in flatten(restored).items())
     del restored
-    runtime.release_freed_memory(sum(
-        int(np.prod(metadata[name].shape)) * np.dtype(metadata[name].dtype)
-        .itemsize for name in batch))
+    if shardings is not None:
+      runtime.release_freed_memory(sum(
+          int(np.prod(metadata[name].shape)) *
+          np.dtype(metadata[name].dtype).itemsize for name in batch))
   return stored, unflatten(placed)
 
 
@@ -626,12 +665,13 @@ def read_orbax(path: str, config: Optional[T5Config],
 _RESTORE_BATCH_BYTES = 16 << 20
 
 
-def _batches_of_bytes(metadata: Mapping[str, Any], limit: int):
-  """Names of `metadata`'s arrays in batches of about `limit` bytes."""
+def _batches_of_bytes(metadata: Mapping[str, Any], limit: Optional[int]):
+  """Names of `metadata`'s arrays in batches of about `limit` bytes (one
+  batch for None)."""
   batch, size = [], 0
   for name, info in metadata.items():
     nbytes = int(np.prod(info.shape)) * np.dtype(info.dtype).itemsize
-    if batch and size + nbytes > limit:
+    if batch and limit is not None and size + nbytes > limit:
       yield batch
       batch, size = [], 0
     batch.append(name)
@@ -698,9 +738,13 @@ def tensorflow_name(name: str) -> Optional[str]:
       '(unmapped); is this a T5 checkpoint?')
 
 
-def read_tensorflow(path: str, config: Optional[T5Config]
+def read_tensorflow(path: str, config: Optional[T5Config],
+                    dtype: Optional[str] = None,
+                    shardings: Optional[Callable[[str], Any]] = None
                     ) -> Tuple[T5Config, Params]:
-  """Reads a (Mesh) TensorFlow T5 checkpoint with TensorFlow's reader."""
+  """Reads a (Mesh) TensorFlow T5 checkpoint with TensorFlow's reader, one
+  variable at a time; with `shardings`, each is placed as it is read (see
+  `load_checkpoint`)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if config is None:
     raise CheckpointError(
@@ -708,12 +752,17 @@ def read_tensorflow(path: str, config: Optional[T5Config]
         "include the model's Gin file (e.g. 'models/t5_1_1_small.gin')")
   prefix = path if files.exists(path + '.index') else _latest_tensorflow(path)
   reader = tf.train.load_checkpoint(prefix)
-  flat = {}
-  for name in sorted(reader.get_variable_to_shape_map()):
-    ours = tensorflow_name(name)
-    if ours is not None:
-      flat[ours] = np.asarray(reader.get_tensor(name))
-  return config, unflatten(flat)
+
+  def tensors():
+    for name in sorted(reader.get_variable_to_shape_map()):
+      ours = tensorflow_name(name)
+      if ours is not None:
+        yield ours, np.asarray(reader.get_tensor(name))
+
+  if shardings is not None:
+    return config, _place_each(tensors(), dtype, shardings,
+                               expected_shapes(config), path)
+  return config, unflatten(dict(tensors()))
 
 
 # --- T5X native (msgpack + TensorStore) ----------------------------------------
@@ -739,8 +788,9 @@ def _is_tensorstore_spec(value) -> bool:
   return isinstance(value, Mapping) and {'driver', 'kvstore'} <= set(value)
 
 
-def _read_tensorstore(spec: Mapping[str, Any], directory: str) -> np.ndarray:
-  """Reads one array whose spec holds a path relative to the checkpoint."""
+def _open_tensorstore(spec: Mapping[str, Any], directory: str
+                      ) -> _LazyArray:
+  """Opens one array whose spec holds a path relative to the checkpoint."""
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   spec = json.loads(json.dumps(spec))  # a mutable copy
   kvstore = spec['kvstore']
@@ -756,13 +806,18 @@ def _read_tensorstore(spec: Mapping[str, Any], directory: str) -> np.ndarray:
     # Written on GCS (driver 'gcs', dummy bucket) or locally: read locally.
     spec['kvstore'] = {'driver': 'file',
                        'path': os.path.join(directory, relative)}
-  return np.asarray(ts.open(spec).result().read().result())
+  return _LazyArray(ts.open(spec).result())
 
 
-def read_t5x(path: str, config: Optional[T5Config]
+def read_t5x(path: str, config: Optional[T5Config],
+             dtype: Optional[str] = None,
+             shardings: Optional[Callable[[str], Any]] = None
              ) -> Tuple[T5Config, Params]:
   """Reads a T5X checkpoint directory (`checkpoint_<step>`): the parameters
-  under optimizer/target in its msgpack file, inline or in TensorStore."""
+  under optimizer/target in its msgpack file, inline or in TensorStore.
+  With `shardings`, each TensorStore array is read straight into its
+  sharding (each device's slice on its own) and inline ones are placed one
+  at a time (see `load_checkpoint`)."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
   if config is None:
     raise CheckpointError(
@@ -776,13 +831,24 @@ def read_t5x(path: str, config: Optional[T5Config]
     raise CheckpointError(
         f'T5X checkpoint {checkpoint_file!r} has no optimizer/target '
         f'parameters (top-level keys: {sorted(contents)})')
+  del contents  # the optimizer state is not needed
   directory = os.path.dirname(checkpoint_file)
+  flat = {}
 
-  def load(node):
-    if _is_tensorstore_spec(node):
-      return _read_tensorstore(node, directory)
-    if isinstance(node, Mapping):
-      return {k: load(v) for k, v in node.items()}
-    return np.asarray(node)
+  def walk(node, prefix):
+    for key, value in node.items():
+      if _is_tensorstore_spec(value):
+        flat[prefix + key] = _open_tensorstore(value, directory)
+      elif isinstance(value, Mapping):
+        walk(value, f'{prefix}{key}/')
+      else:
+        flat[prefix + key] = value
 
-  return config, load(target)
+  walk(target, '')
+  del target
+  if shardings is not None:
+    return config, _place_each(_popping(flat), dtype, shardings,
+                               expected_shapes(config), path)
+  return config, unflatten({
+      name: value.read() if isinstance(value, _LazyArray) else
+      np.asarray(value) for name, value in flat.items()})

@@ -61,11 +61,12 @@ def write_tensorflow_checkpoint(prefix, variables):
       return saver.save(session, prefix, global_step=1110000)
 
 
-def write_t5x_checkpoint(directory, params, inline=()):
+def write_t5x_checkpoint(directory, params, inline=(), compressor='gzip'):
   """A T5X checkpoint as T5X lays it out: each parameter a zarr array
   written by TensorStore in a folder named after its path with dots, and a
   msgpack 'checkpoint' file ({version, optimizer: {target, state}}) holding
-  the relative TensorStore specs (or, for names in `inline`, the array)."""
+  the relative TensorStore specs (or, for names in `inline`, the array).
+  `compressor` None writes the chunks uncompressed (faster for big tests)."""
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   from flax import serialization  # pylint: disable=g-import-not-at-top
   os.makedirs(directory)
@@ -79,7 +80,8 @@ def write_t5x_checkpoint(directory, params, inline=()):
             'kvstore': {'driver': 'file', 'path': relative},
             'metadata': {'shape': list(value.shape),
                          'chunks': list(value.shape),
-                         'compressor': {'id': 'gzip'}}}
+                         'compressor': ({'id': compressor} if compressor
+                                        else None)}}
     written = json.loads(json.dumps(spec))
     written['kvstore']['path'] = os.path.join(directory, relative)
     store = ts.open(written, create=True, open=True).result()

@@ -5,7 +5,9 @@ the process's resident memory just before it, as JSON (one line, last).
 The issue's `resource.getrusage` figure is read from /proc instead (see
 peak_resident_bytes).
 
-    python tests/restore_memory_child.py CHECKPOINT MODEL_AXIS
+    python tests/restore_memory_child.py CHECKPOINT MODEL_AXIS [CONFIG_JSON]
+
+CONFIG_JSON: the T5Config, for formats that do not store it.
 """
 
 import json
@@ -23,6 +25,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from model import partitioning  # pylint: disable=wrong-import-position
+from model.config import T5Config  # pylint: disable=wrong-import-position
 from model.inference import InferenceModel  # pylint: disable=wrong-import-position
 
 
@@ -43,12 +46,16 @@ def peak_resident_bytes() -> int:
 
 def main():
   path, model_axis = sys.argv[1], int(sys.argv[2])
+  config = (T5Config.from_dict(json.loads(sys.argv[3])) if len(sys.argv) > 3
+            else None)
   # Everything but the restore first: imports, the backend, a compile.
   jax.jit(lambda x: x + 1)(np.ones(4)).block_until_ready()
   import orbax.checkpoint  # pylint: disable=g-import-not-at-top,unused-import
+  import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+  import tensorstore  # pylint: disable=g-import-not-at-top,unused-import
   before = resident_bytes()
   model = InferenceModel.load(
-      path, dtype='float32', screen_argmax=False, concurrent_halves=False,
+      path, config, dtype='float32', screen_argmax=False, concurrent_halves=False,
       partitioning=(partitioning.Partitioning(num_partitions=model_axis)
                     if model_axis > 1 else None))
   peak = peak_resident_bytes()
@@ -61,7 +68,12 @@ def main():
       'mesh': model.mesh_shape,
       'devices_holding_wo': len(kernel.addressable_shards),
       'wo_shard_fraction': (kernel.addressable_shards[0].data.nbytes /
-                            kernel.nbytes)}))
+                            kernel.nbytes),
+      'digest': [sum(float(np.asarray(leaf, np.float64).sum())
+                     for leaf in jax.tree_util.tree_leaves(model.variables)),
+                 sum(float(np.square(np.asarray(leaf, np.float64)).sum())
+                     for leaf in jax.tree_util.tree_leaves(
+                         model.variables))]}))
 
 
 if __name__ == '__main__':
