@@ -161,10 +161,16 @@ def worker_devices(options) -> Optional[Tuple[str, int]]:
     if name != 'worker_accelerator':
       continue
     fields = dict(part.partition(':')[::2] for part in value.split(';'))
-    if 'topology' in fields:  # TPU: chips = the topology's product
-      sizes = [int(s) for s in fields['topology'].lower().split('x')]
-      return fields.get('type', 'tpu'), math.prod(sizes)
-    return fields.get('type', 'gpu'), int(fields.get('count', 1))
+    try:
+      if 'topology' in fields:  # TPU: chips = the topology's product
+        sizes = [int(s) for s in fields['topology'].lower().split('x')]
+        return fields.get('type', 'tpu'), math.prod(sizes)
+      return fields.get('type', 'gpu'), int(fields.get('count', 1))
+    except ValueError:
+      raise LaunchError(
+          f'--dataflow_service_options=worker_accelerator={value}: cannot '
+          'read the devices per worker; write type:TYPE;count:N for GPUs '
+          'or type:TYPE;topology:AxB for TPUs') from None
   return None
 
 
@@ -192,10 +198,15 @@ def check_mesh(config, architecture, options):
   where = (f'a ({data}, {model_axis}) mesh of {devices[1]} {devices[0]}'
            if devices else f'a model axis of {model_axis} (data axis: the '
            'other devices of the worker; estimated for one)')
-  logging.info('t5beam: estimated memory: %s on %s', need.describe(), where)
   capacity = memory.ACCELERATOR_MEMORY.get(devices[0]) if devices else None
-  if (capacity is None or config.skip_memory_check or
-      need.total <= memory.USABLE_FRACTION * capacity):
+  usable = capacity * memory.USABLE_FRACTION if capacity else None
+  has = (f'; a {devices[0]} has {capacity / memory.GiB:.1f} GiB, of which '
+         f'a run may plan on {usable / memory.GiB:.1f} GiB' if capacity else
+         '' if devices is None else
+         f'; the memory of a {devices[0]} is not known here, so not checked')
+  logging.info('t5beam: estimated memory: %s on %s%s', need.describe(), where,
+               has)
+  if capacity is None or config.skip_memory_check or need.total <= usable:
     return
   fits, _ = memory.smallest_fitting_model_axis(
       architecture, devices[1], capacity, batch_size=spec.batch_size,
@@ -205,7 +216,8 @@ def check_mesh(config, architecture, options):
          'DatasetConfig.batch_size, bfloat16, or a bigger accelerator')
   raise LaunchError(
       f'the run needs {need.describe()} but a {devices[0]} has '
-      f'{capacity / memory.GiB:.0f} GiB: {fix}; or set '
+      f'{capacity / memory.GiB:.1f} GiB (a run may plan on '
+      f'{usable / memory.GiB:.1f} GiB): {fix}; or set '
       'infer.skip_memory_check=True to run anyway (it is an estimate)')
 
 

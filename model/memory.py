@@ -20,25 +20,28 @@ import dataclasses
 import math
 from typing import Dict, Optional, Tuple
 
-from model import checkpoints, partitioning
+from model import checkpoints, network, partitioning
 from model.config import T5Config
 
 GiB = 2**30
 _BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
 
 # Memory per device of the accelerators Dataflow offers, by the
-# `worker_accelerator` type names (bytes).
+# `worker_accelerator` type names, in bytes: what the device reports (GPUs:
+# nvidia-smi's total MiB, e.g. 23034 MiB for an L4 sold as "24 GB"; TPUs:
+# the HBM Cloud TPU documents, in GiB), not the marketing figure.
+_MiB = 2**20
 ACCELERATOR_MEMORY = {
     'tpu-v5-lite-podslice': 16 * 2**30,
     'tpu-v5p-slice': 95 * 2**30,
     'tpu-v6e-slice': 32 * 2**30,
-    'nvidia-l4': 24 * 2**30,
-    'nvidia-tesla-t4': 16 * 2**30,
-    'nvidia-tesla-v100': 16 * 2**30,
-    'nvidia-tesla-a100': 40 * 2**30,
-    'nvidia-a100-80gb': 80 * 2**30,
-    'nvidia-h100-80gb': 80 * 2**30,
-    'nvidia-h100-mega-80gb': 80 * 2**30,
+    'nvidia-l4': 23034 * _MiB,
+    'nvidia-tesla-t4': 15360 * _MiB,
+    'nvidia-tesla-v100': 16160 * _MiB,
+    'nvidia-tesla-a100': 40960 * _MiB,
+    'nvidia-a100-80gb': 81920 * _MiB,
+    'nvidia-h100-80gb': 81559 * _MiB,
+    'nvidia-h100-mega-80gb': 81559 * _MiB,
 }
 # Of a device's memory, what a run may plan to use: XLA and the runtime
 # keep some (GPU: XLA_PYTHON_CLIENT_MEM_FRACTION=0.90 in our images).
@@ -77,7 +80,9 @@ def estimate(config: T5Config, *, batch_size: int, input_length: int,
   parameters = 0
   for name, shape in checkpoints.expected_shapes(config).items():
     split = model if partitioning.MODEL in specs[name][1] else 1
-    parameters += math.prod(shape) * _BYTES[param_dtype] // split
+    # Kernels joined for one matmul are kept in the activation dtype.
+    stored = act if network.is_fused_kernel(name) else _BYTES[param_dtype]
+    parameters += math.prod(shape) * stored // split
   heads = math.ceil(config.num_heads / model)
   vocab = math.ceil(config.vocab_size / model)
   mlp = math.ceil(config.d_ff / model) * (2 if config.gated else 1)
@@ -137,19 +142,24 @@ def largest_fitting_batch(config: T5Config, data: int, model: int,
 
 
 def smallest_fitting_model_axis(config: T5Config, devices: int,
-                                memory: int, **settings
+                                memory: int, *, batch_size: int,
+                                rules: partitioning.Rules =
+                                partitioning.STANDARD_RULES, **settings
                                 ) -> Tuple[Optional[int], Dict[int, int]]:
-  """(the smallest model axis that divides `devices` and the model and
-  fits `memory` per device, or None; {model axis: total bytes})."""
+  """(the smallest model axis that divides `devices` and the model by
+  `rules`, leaves a data axis dividing `batch_size`, and fits `memory` per
+  device; or None. And {model axis: total bytes} of those tried.)"""
   totals = {}
   for model in range(1, devices + 1):
-    if devices % model:
+    if devices % model or batch_size % (devices // model):
       continue
     try:
-      partitioning.Partitioning(num_partitions=model).check_model(config)
+      partitioning.Partitioning(num_partitions=model,
+                                logical_axis_rules=rules).check_model(config)
     except partitioning.PartitioningError:
       continue
-    totals[model] = estimate(config, data=devices // model, model=model,
+    totals[model] = estimate(config, batch_size=batch_size,
+                             data=devices // model, model=model, rules=rules,
                              **settings).total
   fitting = [m for m, total in totals.items()
              if total <= USABLE_FRACTION * memory]

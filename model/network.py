@@ -593,14 +593,29 @@ _MODULE_GROUPS = {'attention': 'qkv', 'self_attention': 'qkv',
                   'encoder_decoder_attention': 'kv', 'mlp': 'wi'}
 
 
-@functools.partial(jax.jit, static_argnames=('dtype', 'blocks'))
-def _join(parts, dtype: str, blocks: int) -> Array:
-  """Kernels [d_model, out] joined in the block layout of `fused_kernel`."""
+def is_fused_kernel(name: str) -> bool:
+  """Whether the parameter '/'-named `name` is one of the kernels
+  `prepare_variables` joins (and keeps in the activation dtype)."""
+  parts = name.split('/')
+  if len(parts) < 3 or parts[-1] != 'kernel':
+    return False
+  kernels = FUSED_GROUPS.get(_MODULE_GROUPS.get(parts[-3], ''), ())
+  return len(kernels) > 1 and parts[-2] in kernels
+
+
+@functools.partial(jax.jit, static_argnames=('dtype', 'blocks', 'sharding'))
+def _join(parts, dtype: str, blocks: int, sharding=None) -> Array:
+  """Kernels [d_model, out] joined in the block layout of `fused_kernel`,
+  laid out as `sharding` says (the parts' own, so each device joins its
+  blocks: both split their last axis over the model axis)."""
   parts = [p.astype(_dtype(dtype)) for p in parts]
   d_model, out = parts[0].shape
   fused = jnp.stack([p.reshape(d_model, blocks, out // blocks)
                      for p in parts], axis=2)
-  return fused.reshape(d_model, len(parts) * out)
+  fused = fused.reshape(d_model, len(parts) * out)
+  if sharding is not None:
+    fused = jax.lax.with_sharding_constraint(fused, sharding)
+  return fused
 
 
 def prepare_variables(module: Transformer, params,
@@ -625,7 +640,11 @@ def prepare_variables(module: Transformer, params,
     kernels = FUSED_GROUPS.get(group, ())
     if group and len(kernels) > 1 and all(k in node for k in kernels):
       parts = [node.pop(k)['kernel'] for k in kernels]
-      prepared[group] = _join(parts, cfg.dtype, cfg.model_axis_size)
+      sharding = getattr(parts[0], 'sharding', None)
+      prepared[group] = _join(
+          parts, cfg.dtype, cfg.model_axis_size,
+          sharding if isinstance(sharding, jax.sharding.NamedSharding)
+          else None)
       prepared[group].block_until_ready()
       freed = sum(part.nbytes for part in parts)
       del parts
