@@ -79,6 +79,8 @@ class InferenceModel:
       checkpoints.check_shapes(config, params, source='the given parameters')
     self.partitioning = partitioning or partitioning_lib.Partitioning()
     self.mesh = _mesh(partitioning, devices)
+    # Without a mesh: the one device given, else the default one.
+    self._device = devices[0] if devices and self.mesh is None else None
     if self.mesh is not None:
       self.partitioning.check_model(config)
     config = config.replace(model_axis_size=self.mesh.shape[
@@ -86,6 +88,10 @@ class InferenceModel:
     self.config = config
     if concurrent_halves is None:
       concurrent_halves = _halve_on_cpu_by_default() and self.mesh is None
+    elif concurrent_halves and self.mesh is not None:
+      raise ValueError('the concurrent halves run on one device, not on a '
+                       f'mesh of {self.mesh.size} (its data axis already '
+                       'splits the batch); leave concurrent_halves unset')
     self.concurrent_halves = concurrent_halves
     self._halves_pool = None
     self.module = Transformer(config)
@@ -126,7 +132,7 @@ class InferenceModel:
     """`variables` on the device, or split over the mesh by their logical
     axes (each device receives only its part of each array)."""
     if self.mesh is None:
-      return jax.device_put(variables)
+      return jax.device_put(variables, self._device)
     axes = variables_logical_axes(variables)
     return jax.device_put(variables, partitioning_lib.shardings(
         axes, self.mesh, self.partitioning.logical_axis_rules))
@@ -167,7 +173,7 @@ class InferenceModel:
       partitioning.check_model(architecture)  # before placing anything
     config, params = checkpoints.load_checkpoint(
         path, config, dtype, shardings=_parameter_shardings(
-            mesh, partitioning))
+            mesh, partitioning, options.get('devices')))
     config = config.replace(
         dtype=activation_dtype or dtype,
         model_axis_size=mesh.shape[partitioning_lib.MODEL] if mesh else 1)
@@ -279,11 +285,12 @@ def _mesh(partitioning: Optional[partitioning_lib.Partitioning],
   return mesh if mesh.size > 1 else None
 
 
-def _parameter_shardings(mesh, partitioning):
+def _parameter_shardings(mesh, partitioning, devices):
   """Parameter name -> where it lives: split over `mesh` by its logical
-  axes, or on the default device."""
+  axes, or on the one device (the first given, else the default one)."""
   if mesh is None:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    device = jax.sharding.SingleDeviceSharding(
+        devices[0] if devices else jax.local_devices()[0])
     return lambda name: device
   rules = partitioning.logical_axis_rules
   return lambda name: jax.sharding.NamedSharding(mesh, partitioning_lib.spec(

@@ -20,7 +20,9 @@ import math
 import threading
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+from flax.linen import spmd as flax_spmd
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
@@ -106,7 +108,8 @@ class Partitioning:
 
   def make_mesh(self, devices: Optional[Sequence[Any]] = None) -> Mesh:
     """The ('data', 'model') mesh over `devices` (default: every device of
-    this process); the model axis takes neighbouring devices."""
+    this process); the model axis takes neighbouring devices (on TPUs by
+    their physical topology, as JAX's mesh_utils lays them out)."""
     devices = list(devices if devices is not None else jax.local_devices())
     model = self.model_axis_size
     if model > len(devices) or len(devices) % model:
@@ -114,8 +117,13 @@ class Partitioning:
           f'partitioning.PjitPartitioner.num_partitions = {model} does not '
           f'divide the {len(devices)} device(s) of this worker '
           f'({devices[0].platform}); use a divisor of {len(devices)}')
-    grid = np.array(devices, dtype=object).reshape(len(devices) // model,
-                                                   model)
+    shape = (len(devices) // model, model)
+    grid = np.array(devices, dtype=object).reshape(shape)
+    if all(isinstance(d, jax.Device) for d in devices):
+      try:  # on TPUs, the model axis on physical neighbours
+        grid = mesh_utils.create_device_mesh(shape, devices)
+      except (ValueError, NotImplementedError, AssertionError):
+        pass  # a shape the topology helper cannot lay out: in order
     return Mesh(grid, (DATA, MODEL))
 
   def check_model(self, config: T5Config):
@@ -150,20 +158,14 @@ def check_batch(batch_size: int, mesh: Mesh):
 
 
 def spec(logical_axes: Sequence[Optional[str]], rules: Rules) -> PartitionSpec:
-  """The PartitionSpec the rules give these logical axes: for each, the
-  first rule naming it whose mesh axis this array does not use yet (as
-  Flax and T5X resolve them); no such rule replicates it."""
-  used, out = set(), []
-  for name in logical_axes:
-    axis = None
-    for rule_name, rule_axis in rules:
-      if rule_name == name and (rule_axis is None or rule_axis not in used):
-        axis = rule_axis
-        break
-    if axis is not None:
-      used.add(axis)
-    out.append(axis)
-  return PartitionSpec(*out)
+  """The PartitionSpec the rules give these logical axes, resolved as Flax
+  and T5X resolve them: the rules are taken in order, and each places the
+  logical axis it names on its mesh axis unless that axis is already placed
+  or the mesh axis is already used by this array; what no rule places is
+  replicated. (So an earlier rule wins over a later one for another axis
+  of the same array: with ('embed', 'data') before ('batch', 'data'),
+  ('batch', 'embed') is P(None, 'data').)"""
+  return flax_spmd.logical_to_mesh_axes(tuple(logical_axes), rules)
 
 
 def parameter_specs(config: T5Config, rules: Rules

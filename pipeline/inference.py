@@ -252,14 +252,14 @@ def load_model(spec: ModelSpec) -> LoadedModel:
   from model import runtime  # pylint: disable=g-import-not-at-top
   runtime.configure_xla_cpu()  # a no-op once JAX runs in this process
   from model.inference import InferenceModel  # pylint: disable=g-import-not-at-top
+  from model import partitioning  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
+  # The mesh's arithmetic before reading any parameter.
+  partitioning.check_batch(spec.batch_size, spec.partitioning.make_mesh())
   model = InferenceModel.load(spec.checkpoint_path, spec.model_config,
                               dtype=spec.restore_dtype,
                               activation_dtype=spec.activation_dtype,
                               partitioning=spec.partitioning)
-  if model.mesh is not None:
-    from model import partitioning  # pylint: disable=g-import-not-at-top
-    partitioning.check_batch(spec.batch_size, model.mesh)
   loaded_at = time.perf_counter()
   loaded = LoadedModel(spec, model, loaded_at - start, 0.0)
   warm_up = model_features([1], [1], spec)

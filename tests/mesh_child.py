@@ -13,6 +13,7 @@ from model import runtime  # pylint: disable=g-import-not-at-top
 runtime.configure_xla_cpu()
 os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
 
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from model import network, partitioning  # pylint: disable=wrong-import-position
@@ -53,7 +54,14 @@ def outputs(model, batch) -> dict:
       return_scores=True)
   greedy_tokens, greedy_scores = model.predict_batch(batch,
                                                      return_scores=True)
-  return {'greedy': greedy_tokens.tolist(),
+  keys = np.arange(2 * BATCH, dtype=np.uint32).reshape(BATCH, 2)
+  samples, sample_scores = model.predict_batch(
+      batch, decoding=DecodingConfig('temperature_sample', num_decodes=2,
+                                     temperature=0.8, topk=0,
+                                     return_all_decodes=True),
+      return_scores=True, rng=keys)
+  return {'samples': samples.tolist(), 'sample_scores': sample_scores.tolist(),
+          'greedy': greedy_tokens.tolist(),
           'greedy_scores': greedy_scores.tolist(),
           'beam': beam_tokens.tolist(), 'beam_scores': beam_scores.tolist(),
           'score': model.score_batch(batch).tolist()}
@@ -112,7 +120,25 @@ def main():
                                        batch_of(rng).items()})),
       'devices': refusal(lambda: partitioning.Partitioning(
           num_partitions=16).make_mesh()),
+      'halves': refusal(lambda: InferenceModel(
+          style_config('t5_1_1'), network.init_params(style_config('t5_1_1')),
+          partitioning=partitioning.Partitioning(), concurrent_halves=True)),
   }
+  # One device given: the model lives there, not on the default device.
+  config = style_config('t5_1_1')
+  on_fourth = InferenceModel(config, network.init_params(config, 3),
+                             devices=jax.devices()[3:4],
+                             concurrent_halves=False)
+  report['one_given_device'] = {
+      'devices': sorted({str(d) for leaf in jax.tree_util.tree_leaves(
+          on_fourth.variables) for d in leaf.devices()}),
+      'fourth': str(jax.devices()[3]),
+      'greedy': on_fourth.predict_batch(batch_of(np.random.default_rng(1)))
+                .tolist(),
+      'greedy_default': InferenceModel(
+          config, network.init_params(config, 3), concurrent_halves=False)
+                        .predict_batch(batch_of(np.random.default_rng(1)))
+                        .tolist()}
   print(json.dumps(report))
 
 

@@ -34,9 +34,28 @@ def test_every_mesh_decodes_and_scores_as_one_device(report, style, mesh):
   assert sharded['mesh'] == {'data': data, 'model': model}
   assert sharded['greedy'] == one['greedy']
   assert sharded['beam'] == one['beam']
-  for name in ('greedy_scores', 'beam_scores', 'score'):
+  assert sharded['samples'] == one['samples']
+  for name in ('greedy_scores', 'beam_scores', 'sample_scores', 'score'):
     np.testing.assert_allclose(sharded[name], one[name], rtol=1e-5,
                                atol=1e-4)
+
+
+def test_logical_axis_rules_resolve_as_flax_and_t5x_do():
+  """Rules are taken in order (not the array's axes): an earlier rule
+  claims its mesh axis first, and a logical axis no rule can place is
+  replicated."""
+  from model import partitioning  # pylint: disable=g-import-not-at-top
+  P = partitioning.PartitionSpec  # pylint: disable=invalid-name
+  two_d = (('embed', 'data'), ('batch', 'data'), ('mlp', 'model'),
+           ('heads', 'model'))
+  assert partitioning.spec(('batch', 'embed'), two_d) == P(None, 'data')
+  assert partitioning.spec(('embed', 'mlp'), two_d) == P('data', 'model')
+  assert partitioning.spec(('batch', 'length', 'heads', 'kv'),
+                           two_d) == P('data', None, 'model', None)
+  fallback = (('mlp', 'model'), ('heads', 'model'), ('heads', None))
+  assert partitioning.spec(('mlp', 'heads'), fallback) == P('model', None)
+  assert partitioning.spec(('embed', 'mlp'),
+                           partitioning.STANDARD_RULES) == P(None, 'model')
 
 
 @pytest.mark.parametrize('mesh', MESHES)
@@ -60,6 +79,14 @@ def test_meshes_that_do_not_fit_are_refused_naming_the_number(report):
   assert refusals['devices'].startswith(
       'partitioning.PjitPartitioner.num_partitions = 16 does not divide the '
       '8 device(s)')
+  assert refusals['halves'].startswith(
+      'the concurrent halves run on one device, not on a mesh of 8')
+
+
+def test_a_model_given_one_device_lives_there(report):
+  placed = report['one_given_device']
+  assert placed['devices'] == [placed['fourth']]
+  assert placed['greedy'] == placed['greedy_default']
 
 
 @pytest.fixture(scope='module')
