@@ -8,14 +8,14 @@ worker registers the same task from it, so no user module is needed.
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 from typing import Any, Optional, Tuple
 
 import seqio
 import tensorflow as tf
 
-FILE_TYPES = ('jsonl', 'tsv', 'tfrecord')
+TEXT_FILE_TYPES = ('jsonl', 'tsv')
+FILE_TYPES = TEXT_FILE_TYPES + ('tfrecord',)
 SPLIT = 'infer'
 
 
@@ -55,22 +55,85 @@ class FileTaskSpec:
     return found
 
 
-def _text_rows(spec: FileTaskSpec, path: bytes):
-  """(inputs, targets) strings of one jsonl or TSV file."""
-  with tf.io.gfile.GFile(path.decode(), 'r') as f:
-    text = f.read()
+# Rows handed from Python to tf.data at a time: one from_generator element per
+# row would cost more than the row's own parsing.
+_ROWS_PER_BATCH = 1024
+# Bytes read from a file at a time: files are read as streams, never whole.
+_READ_BYTES = 1 << 20
+
+
+def _lines(path: str):
+  """The lines of a text file, '\n'-terminated, read in blocks."""
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    rest = b''
+    while True:
+      block = f.read(_READ_BYTES)
+      if not block:
+        break
+      lines = (rest + block).split(b'\n')
+      rest = lines.pop()
+      for line in lines:
+        yield line.decode('utf-8') + '\n'
+    if rest:
+      yield rest.decode('utf-8')
+
+
+def _text_rows(spec: FileTaskSpec, path: str):
+  """(inputs, targets) strings of each record of one jsonl or TSV file."""
   if spec.file_type == 'jsonl':
-    rows = (json.loads(line) for line in text.splitlines() if line.strip())
+    rows = (json.loads(line) for line in _lines(path) if line.strip())
   else:
-    rows = csv.DictReader(io.StringIO(text), delimiter='\t',
+    rows = csv.DictReader(_lines(path), delimiter='\t',
                           quoting=csv.QUOTE_NONE)
   for number, row in enumerate(rows, 1):
     if spec.inputs_key not in row:
-      raise ValueError(f'{path.decode()} record {number} has no field '
+      raise ValueError(f'{path} record {number} has no field '
                        f'{spec.inputs_key!r} (INFER_INPUTS_KEY); it has '
                        f'{sorted(row)}')
     targets = row.get(spec.targets_key, '') if spec.targets_key else ''
     yield str(row[spec.inputs_key]), str(targets)
+
+
+def _text_batches(spec: FileTaskSpec, path: bytes):
+  """_text_rows in lists of up to _ROWS_PER_BATCH (inputs, targets)."""
+  inputs, targets = [], []
+  for row_inputs, row_targets in _text_rows(spec, path.decode()):
+    inputs.append(row_inputs)
+    targets.append(row_targets)
+    if len(inputs) == _ROWS_PER_BATCH:
+      yield inputs, targets
+      inputs, targets = [], []
+  if inputs:
+    yield inputs, targets
+
+
+def shard_files(spec: FileTaskSpec, shard: int, num_shards: int):
+  """The files of one input shard, as the task's FileDataSource shards them
+  (file i belongs to shard i % num_shards) and reads them (one after
+  another)."""
+  found = spec.files()
+  if len(found) < num_shards:
+    raise ValueError(f'INFER_FILE_PATTERNS match {len(found)} file(s), fewer '
+                     f'than the {num_shards} input shards asked for; set '
+                     'infer.num_input_shards to at most the number of files')
+  return found[shard::num_shards]
+
+
+def shard_texts(spec: FileTaskSpec, shard: int, num_shards: int):
+  """(inputs, targets) strings of each record of one input shard, in the
+  order the task reads them; jsonl and TSV only (TFRecord files are read by
+  the task's tf.data source)."""
+  for path in shard_files(spec, shard, num_shards):
+    yield from _text_rows(spec, path)
+
+
+def tokenize(spec: FileTaskSpec, texts, length: int):
+  """Token ids of each text as the task's preprocessors make them
+  (seqio.preprocessors.tokenize, then append_eos_after_trim): the
+  vocabulary's ids, cut to length - 1, then EOS."""
+  vocabulary = spec.vocabulary
+  eos = vocabulary.eos_id
+  return [vocabulary.encode(text)[:length - 1] + [eos] for text in texts]
 
 
 def _read_file_fn(spec: FileTaskSpec):
@@ -87,9 +150,9 @@ def _read_file_fn(spec: FileTaskSpec):
                             else tf.constant(''))}
       return tf.data.TFRecordDataset(path).map(parse)
     return tf.data.Dataset.from_generator(
-        lambda p: _text_rows(spec, p), args=(path,),
-        output_signature=(tf.TensorSpec([], tf.string),
-                          tf.TensorSpec([], tf.string))).map(
+        lambda p: _text_batches(spec, p), args=(path,),
+        output_signature=(tf.TensorSpec([None], tf.string),
+                          tf.TensorSpec([None], tf.string))).unbatch().map(
                               lambda i, t: {'inputs': i, 'targets': t})
   return read
 
@@ -129,9 +192,11 @@ def register(spec: FileTaskSpec) -> str:
   }
   seqio.TaskRegistry.add(
       name,
+      # A shard's files are read one after another (cycle_length=1), so
+      # `shard_texts` reads them in the same order without tf.data.
       source=seqio.FileDataSource(
           read_file_fn=_read_file_fn(spec),
-          split_to_filepattern={SPLIT: spec.files()}),
+          split_to_filepattern={SPLIT: spec.files()}, cycle_length=1),
       preprocessors=[seqio.preprocessors.tokenize,
                      seqio.preprocessors.append_eos_after_trim],
       output_features=features)

@@ -1,7 +1,8 @@
 """The whole run as one Beam transform, from the launcher's plan to the
 final files:
 
-    ListInputShards -> ReadShards (pipeline.read) -> GroupIntoChunks ->
+    ListInputShards -> ReadShards (pipeline.read, one element per chunk) ->
+    SpreadChunks ->
     InferChunks (pipeline.infer_chunks, writes chunk files) ->
     [with the shard counts] PlanMerge -> MergeOutputShards -> WriteManifest
     (pipeline.merge) [-> ReleaseLock]
@@ -46,9 +47,9 @@ class InferAndWrite(beam.PTransform):
             | 'ListInputShards' >> beam.Create(shards)
             | 'SpreadShards' >> beam.Reshuffle()
             | 'ReadShards' >> beam.ParDo(ReadShard(config, self._pending))
-            .with_outputs(SHARD_COUNTS, main='examples'))
-    stats = (read.examples
-             | 'GroupIntoChunks' >> beam.GroupByKey()
+            .with_outputs(SHARD_COUNTS, main='chunks'))
+    stats = (read.chunks
+             | 'SpreadChunks' >> beam.Reshuffle()
              | 'InferChunks' >> beam.ParDo(infer))
     planned = ({'counts': read[SHARD_COUNTS], 'stats': stats}
                | 'WaitForAllChunks' >> beam.CoGroupByKey()

@@ -1,4 +1,4 @@
-"""Inference over chunks: (chunk key, examples) -> the chunk's jsonl file.
+"""Inference over chunks: (chunk key, Chunk) -> the chunk's jsonl file.
 
 The model side is `pipeline.inference`, the seam T5ModelHandler uses too;
 what is here is the pipeline's own: chunk files written atomically, records
@@ -39,6 +39,14 @@ def _maybe_inject_fault(task_name: str, shard: int, chunk: int):
     raise RuntimeError(f'{FAULT_ONCE_ENV}: injected fault in {target}')
 
 
+def record_line(inputs_json: str, record: Dict) -> str:
+  """One output line: the record with its `inputs` (already JSON) first,
+  the bytes json.dumps({'inputs': inputs, **record}) would give."""
+  rest = json.dumps(record)
+  return ('{"inputs": ' + inputs_json + (', ' + rest[1:] if record else '}')
+          + '\n')
+
+
 def _counter(name: str):
   return Metrics.counter(NAMESPACE, name)
 
@@ -57,7 +65,7 @@ class ChunkStats:
 
 
 class InferChunk(beam.DoFn):
-  """(chunk key, examples) -> the chunk's jsonl file; yields ChunkStats.
+  """(chunk key, Chunk) -> the chunk's jsonl file; yields ChunkStats.
 
   The model is loaded in `setup`, once per worker process, and shared by the
   DoFn instances of that process's threads.
@@ -90,13 +98,12 @@ class InferChunk(beam.DoFn):
     return self._vocabularies[task_name]
 
   def process(self, element):
-    (task_name, shard, chunk), examples = element
+    (task_name, shard, chunk), data = element
     config = self._config
     startup = self._model.take_load_report()
     if startup is not None:
       _counter('model_loads').inc()
       _counter('startup_milliseconds').inc(int(1000 * startup))
-    examples = sorted(examples, key=lambda e: e[0])
     path = config.layout(task_name).chunk_path(
         shard, self._num_shards[task_name], chunk)
     if files.exists(path):
@@ -106,21 +113,21 @@ class InferChunk(beam.DoFn):
     start = time.perf_counter()
     inferences, decoded_tokens = inference.infer_examples(
         self._model, config.model, self._vocabulary(task_name),
-        [features for _, _, features in examples],
-        [(task_name, shard, index) for index, _, _ in examples],
+        data.features,
+        [(task_name, shard, data.first + i) for i in range(len(data))],
         after_batch=lambda _: _maybe_inject_fault(task_name, shard, chunk))
-    lines = [json.dumps({'inputs': inputs, **record}) + '\n'
-             for (_, inputs, _), record in zip(examples, inferences)]
     seconds = time.perf_counter() - start
-    files.write_atomically(path, ''.join(lines).encode('utf-8'))
+    files.write_atomically(path, ''.join(
+        record_line(inputs, record)
+        for inputs, record in zip(data.inputs, inferences)).encode('utf-8'))
     lock.worker_heartbeat(self._lock_ref)
-    _counter('examples_inferred').inc(len(examples))
-    _counter('batches').inc(-(-len(examples) // config.model.batch_size))
+    _counter('examples_inferred').inc(len(data))
+    _counter('batches').inc(-(-len(data) // config.model.batch_size))
     _counter('chunks_inferred').inc()
     _counter('decoded_tokens').inc(decoded_tokens)
     logging.info('t5beam: %s shard %d chunk %d: %d examples in %.2f s '
-                 '(%.1f examples/s)', task_name, shard, chunk, len(examples),
-                 seconds, len(examples) / max(seconds, 1e-9))
+                 '(%.1f examples/s)', task_name, shard, chunk, len(data),
+                 seconds, len(data) / max(seconds, 1e-9))
     mesh = self._model.mesh_shape()
-    yield task_name, ChunkStats(shard, chunk, len(examples), decoded_tokens,
+    yield task_name, ChunkStats(shard, chunk, len(data), decoded_tokens,
                                 seconds, (mesh['data'], mesh['model']))

@@ -189,9 +189,23 @@ def stack_batch(features: Sequence[Mapping[str, np.ndarray]],
                 batch_size: int) -> Dict[str, np.ndarray]:
   """[batch_size, ...] arrays of the examples' features; rows past the
   examples repeat the first example (their outputs are dropped)."""
-  rows = list(features) + [features[0]] * (batch_size - len(features))
-  return {name: np.stack([np.asarray(row[name], np.int32) for row in rows])
-          for name in FEATURES}
+  return pad_batch({name: np.stack([np.asarray(row[name], np.int32)
+                                    for row in features])
+                    for name in FEATURES}, batch_size)
+
+
+def pad_batch(stacked: Mapping[str, np.ndarray],
+              batch_size: int) -> Dict[str, np.ndarray]:
+  """Stacked [rows, ...] features filled up to `batch_size` rows by
+  repeating the first (their outputs are dropped)."""
+  out = {}
+  for name in FEATURES:
+    rows = np.asarray(stacked[name], np.int32)
+    if len(rows) < batch_size:
+      rows = np.concatenate(
+          [rows, np.repeat(rows[:1], batch_size - len(rows), axis=0)])
+    out[name] = rows
+  return out
 
 
 # --- the loaded model ---------------------------------------------------------
@@ -317,31 +331,40 @@ def _inference(spec: ModelSpec, vocabulary, outputs: Mapping[str, np.ndarray],
 
 
 def infer_examples(model, spec: ModelSpec, vocabulary,
-                   features: Sequence[Mapping[str, np.ndarray]],
+                   features,
                    identities: Sequence[Sequence[Any]],
                    after_batch=None) -> Tuple[List[Dict[str, Any]], int]:
   """(one T5X record without `inputs` per example, decoded token count).
 
-  `model` is a LoadedModel (or Beam's proxy of one); batches of
-  `spec.batch_size` in order; `identities` give the sampling keys.
-  `after_batch(batch_index)` runs after each batch (the pipeline's fault
-  injection for tests of retries)."""
+  `model` is a LoadedModel (or Beam's proxy of one); `features` one dict of
+  arrays per example, or one dict of arrays stacked [examples, ...] (a
+  chunk); batches of `spec.batch_size` in order; `identities` give the
+  sampling keys. `after_batch(batch_index)` runs after each batch (the
+  pipeline's fault injection for tests of retries)."""
+  stacked = isinstance(features, Mapping)
+  count = len(features[FEATURES[0]]) if stacked else len(features)
   needs_keys = spec.decoding.needs_rng and spec.mode != 'score'
   inferences: List[Dict[str, Any]] = []
   decoded_tokens = 0
-  for index, begin in enumerate(range(0, len(features), spec.batch_size)):
-    part = features[begin:begin + spec.batch_size]
+  for index, begin in enumerate(range(0, count, spec.batch_size)):
+    end = min(begin + spec.batch_size, count)
+    if stacked:
+      batch = pad_batch({name: features[name][begin:end]
+                         for name in FEATURES}, spec.batch_size)
+    else:
+      batch = stack_batch(features[begin:end], spec.batch_size)
     keys = None
     if needs_keys:
       keys = np.stack([example_key(spec.seed, identity) for identity in
-                       identities[begin:begin + spec.batch_size]])
+                       identities[begin:end]])
       keys = np.concatenate(
-          [keys, np.repeat(keys[:1], spec.batch_size - len(part), axis=0)])
-    outputs = model.run(stack_batch(part, spec.batch_size), keys)
+          [keys, np.repeat(keys[:1], spec.batch_size - (end - begin),
+                           axis=0)])
+    outputs = model.run(batch, keys)
     if after_batch is not None:
       after_batch(index)
-    for row in range(len(part)):
+    if 'tokens' in outputs:
+      decoded_tokens += int(np.sum(outputs['tokens'][:end - begin] > 0))
+    for row in range(end - begin):
       inferences.append(_inference(spec, vocabulary, outputs, row))
-      if 'tokens' in outputs:
-        decoded_tokens += int(np.sum(outputs['tokens'][row] > 0))
   return inferences, decoded_tokens

@@ -1,12 +1,18 @@
-"""Reading: one input shard of a SeqIO task -> its examples, keyed by chunk.
+"""Reading: one input shard of a SeqIO task -> its chunks.
 
-Each example travels as (index in shard, the record's `inputs`, model
-features). Examples of chunks an earlier run finished are dropped here,
-before any grouping or inference.
+A chunk (`chunk_size` consecutive examples of one input shard) is the
+element that travels from reading to inference: its model features stacked
+into [examples, length] arrays, and each record's `inputs` already written
+as JSON. SeqIO's datasets are read a chunk at a time (`Dataset.batch`), so
+the cost per example is tf.data's and numpy's, not Beam's or Python's.
+Chunks an earlier run finished are dropped here, before they travel.
 """
 
+import dataclasses
+import itertools
 import json
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import (Any, Dict, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple)
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -14,11 +20,23 @@ import numpy as np
 
 from model import files
 from model import runtime
-from pipeline import plan
+from pipeline import file_tasks, plan
 from pipeline.config import InferConfig
-from pipeline.inference import NAMESPACE
+from pipeline.inference import FEATURES, NAMESPACE
 
 SHARD_COUNTS = 'shard_counts'
+
+
+@dataclasses.dataclass
+class Chunk:
+  """One chunk's examples: `inputs[i]` is the JSON of example
+  `first + i`'s record `inputs`, `features` its model features, row i."""
+  first: int
+  inputs: List[str]
+  features: Dict[str, np.ndarray]
+
+  def __len__(self) -> int:
+    return len(self.inputs)
 
 
 def _json_value(value: Any) -> Any:
@@ -37,26 +55,192 @@ def _json_value(value: Any) -> Any:
   return value
 
 
-def record_inputs(task_example: Dict[str, Any],
-                  config: Optional[InferConfig] = None) -> Dict[str, Any]:
-  """The record's `inputs`, as T5X writes them: the `*_pretokenized`
-  features, or all features (include_all_inputs), or the named fields and
-  their `_pretokenized` forms (input_fields_to_include)."""
+def _keeps(config: Optional[InferConfig]):
+  """Which task features go into a record's `inputs`, as T5X chooses them:
+  the `*_pretokenized` features, or all (include_all_inputs), or the named
+  fields and their `_pretokenized` forms (input_fields_to_include)."""
   if config is not None and config.include_all_inputs:
-    keep = lambda k: True
-  elif config is not None and config.input_fields_to_include is not None:
+    return lambda k: True
+  if config is not None and config.input_fields_to_include is not None:
     fields = set(config.input_fields_to_include)
     fields |= {f'{f}_pretokenized' for f in fields}
-    keep = lambda k: k in fields
-  else:
-    keep = lambda k: k.endswith('_pretokenized')
+    return lambda k: k in fields
+  return lambda k: k.endswith('_pretokenized')
+
+
+def record_inputs(task_example: Dict[str, Any],
+                  config: Optional[InferConfig] = None) -> Dict[str, Any]:
+  """The record's `inputs` of one task example, as T5X writes them."""
+  keep = _keeps(config)
   return {k: _json_value(v) for k, v in sorted(task_example.items())
           if keep(k)}
 
 
+def _inputs_json(columns: Dict[str, Any], count: int) -> List[str]:
+  """The JSON `inputs` of each of `count` examples, from their fields'
+  values stacked along the first axis."""
+  names = sorted(columns)
+  values = [[_json_value(v) for v in columns[name]] for name in names]
+  return [json.dumps(dict(zip(names, row))) for row in zip(*values)] if names \
+      else ['{}'] * count
+
+
+def _padded(task_name: str, feature: str, tokens: np.ndarray,
+            length: int) -> np.ndarray:
+  """[examples, length] int32 token ids from a batch padded with 0 to its
+  longest; as SeqIO's converter, an example longer than `length` is an
+  error, not silently cut."""
+  if tokens.ndim != 2 or tokens.dtype.kind not in 'iu':
+    raise ValueError(
+        f'task {task_name!r}: feature {feature!r} must hold int32 token ids '
+        f'(rank 1 per example), got {tokens.dtype} of rank '
+        f'{tokens.ndim - 1}; check the task\'s preprocessors')
+  if tokens.shape[1] > length and np.any(tokens[:, length:]):
+    longest = int(np.max(np.sum(tokens != 0, axis=1)))
+    raise ValueError(
+        f'task {task_name!r}: an example\'s {feature!r} has {longest} '
+        f'tokens, more than TASK_FEATURE_LENGTHS[{feature!r}] = {length}; '
+        'raise that length, or trim in the task (for example with '
+        'seqio.preprocessors.append_eos_after_trim)')
+  out = np.zeros((tokens.shape[0], length), np.int32)
+  width = min(length, tokens.shape[1])
+  out[:, :width] = tokens[:, :width]
+  return out
+
+
+def model_features(task_name: str, inputs: np.ndarray, targets: np.ndarray,
+                   lengths: Mapping[str, int]) -> Dict[str, np.ndarray]:
+  """The model features of a batch of task examples, as SeqIO's
+  EncDecFeatureConverter (unpacked) makes them: inputs and targets padded
+  to their lengths, decoder inputs the padded targets shifted right (0
+  first), loss weights 1 where targets are not padding."""
+  encoder = _padded(task_name, 'inputs', inputs, int(lengths['inputs']))
+  targets = _padded(task_name, 'targets', targets, int(lengths['targets']))
+  decoder_inputs = np.zeros_like(targets)
+  decoder_inputs[:, 1:] = targets[:, :-1]
+  return {'encoder_input_tokens': encoder,
+          'decoder_input_tokens': decoder_inputs,
+          'decoder_target_tokens': targets,
+          'decoder_loss_weights': (targets != 0).astype(np.int32)}
+
+
+def _stack_rows(rows: Sequence[Sequence[int]]) -> np.ndarray:
+  """Rank-1 token ids stacked into [examples, longest], 0-padded."""
+  width = max([len(r) for r in rows] + [0])
+  out = np.zeros((len(rows), width), np.int64)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row
+  return out
+
+
+def read_chunks(config: InferConfig, task_name: str, shard: int,
+                num_shards: int, skip: Sequence[int] = ()
+                ) -> Iterator[Tuple[int, int, Optional[Chunk]]]:
+  """(chunk, examples in it, Chunk) for every chunk of one input shard, in
+  order; the Chunk is None for chunks in `skip` (read, never converted).
+
+  Plain jsonl and TSV input files (infer.file_task) are read and tokenized
+  in Python a chunk at a time; a registered SeqIO task (and TFRecord input
+  files) through its tf.data pipeline. Both give the same chunks."""
+  file_task = config.file_task
+  if (file_task is not None and task_name == file_task.task_name and
+      file_task.file_type in file_tasks.TEXT_FILE_TYPES):
+    return _file_chunks(config, shard, num_shards, skip)
+  return _task_chunks(config, task_name, shard, num_shards, skip)
+
+
+def _file_chunks(config: InferConfig, shard: int, num_shards: int,
+                 skip: Sequence[int]):
+  """read_chunks of plain input files, without tf.data: the same fields
+  and token ids as the file task's SeqIO pipeline."""
+  spec = config.file_task
+  lengths = config.task_feature_lengths
+  keep = _keeps(config)
+  size = config.chunk_size
+  skip = frozenset(skip)
+  texts = file_tasks.shard_texts(spec, shard, num_shards)
+  for chunk in itertools.count():
+    rows = list(itertools.islice(texts, size))
+    if not rows:
+      return
+    if chunk in skip:
+      yield chunk, len(rows), None
+      continue
+    inputs = [i for i, _ in rows]
+    targets = [t for _, t in rows]
+    tokens = {'inputs': file_tasks.tokenize(spec, inputs, lengths['inputs']),
+              'targets': file_tasks.tokenize(spec, targets,
+                                             lengths['targets'])}
+    fields = {'inputs': tokens['inputs'], 'inputs_pretokenized': inputs,
+              'targets': tokens['targets'], 'targets_pretokenized': targets}
+    yield chunk, len(rows), Chunk(
+        chunk * size,
+        _inputs_json({k: v for k, v in fields.items() if keep(k)}, len(rows)),
+        model_features(spec.task_name, _stack_rows(tokens['inputs']),
+                       _stack_rows(tokens['targets']), lengths))
+
+
+def _task_chunks(config: InferConfig, task_name: str, shard: int,
+                 num_shards: int, skip: Sequence[int]):
+  """read_chunks of a SeqIO task: its dataset is read once (the record
+  fields and the token ids come from the same example), batched a chunk at
+  a time."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  task = seqio.get_mixture_or_task(task_name)
+  lengths = dict(config.task_feature_lengths)
+  task_ds = task.get_dataset(
+      sequence_length=lengths, split=config.split, shuffle=False,
+      num_epochs=1, shard_info=seqio.ShardInfo(shard, num_shards),
+      use_cached=False, seed=0)
+  spec = task_ds.element_spec
+  for feature in ('inputs', 'targets'):
+    if feature not in spec:
+      raise ValueError(f'task {task_name!r} has no {feature!r} feature (it '
+                       f'has {sorted(spec)}); an encoder-decoder model needs '
+                       'both')
+  keep = _keeps(config)
+  kept = sorted(k for k in spec if keep(k))
+  size = config.chunk_size
+  skip = frozenset(skip)
+
+  def chunk_of(chunk, columns, inputs, targets):
+    if chunk in skip:
+      return None
+    return Chunk(chunk * size,
+                 _inputs_json({k: columns[k] for k in kept}, len(inputs)),
+                 model_features(task_name, inputs, targets, lengths))
+
+  if all(spec[k].shape.is_fully_defined() for k in kept):
+    # One tf.data batch per chunk; token ids padded to the chunk's longest.
+    needed = sorted(set(kept) | {'inputs', 'targets'})
+    batches = (task_ds.map(lambda ex: {k: ex[k] for k in needed})
+               .padded_batch(size).prefetch(1).as_numpy_iterator())
+    for chunk, columns in enumerate(batches):
+      yield chunk, len(columns['inputs']), chunk_of(
+          chunk, columns, columns['inputs'], columns['targets'])
+    return
+  # Record fields of varying shape (token ids, with include_all_inputs): read
+  # example by example, converted a chunk at a time.
+  rows, chunk = [], 0
+  for example in task_ds.as_numpy_iterator():
+    rows.append(example)
+    if len(rows) == size:
+      yield chunk, size, chunk_of(chunk, *_columns(rows))
+      rows, chunk = [], chunk + 1
+  if rows:
+    yield chunk, len(rows), chunk_of(chunk, *_columns(rows))
+
+
+def _columns(rows: Sequence[Dict[str, Any]]):
+  """(each field's values, inputs and targets token ids stacked)."""
+  columns = {k: [row[k] for row in rows] for k in rows[0]}
+  return (columns, _stack_rows(columns['inputs']),
+          _stack_rows(columns['targets']))
+
+
 class ReadShard(beam.DoFn):
-  """(task, input shard, shard count) -> (chunk key, (index, inputs, model
-  features)) for every example of a chunk still to infer.
+  """(task, input shard, shard count) -> (chunk key, Chunk) for every chunk
+  still to infer.
 
   Each shard's example count goes to the 'shard_counts' output (and to a
   count file, for the progress line), so the merge knows every chunk it
@@ -73,34 +257,20 @@ class ReadShard(beam.DoFn):
     plan.prepare_tasks(self._config)
 
   def process(self, element: Tuple[str, int, int]):
-    import seqio  # pylint: disable=g-import-not-at-top
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     task_name, shard, num_shards = element
-    config = self._config
-    task_layout = config.layout(task_name)
-    task = seqio.get_mixture_or_task(task_name)
-    lengths = dict(config.task_feature_lengths)
-    task_ds = task.get_dataset(
-        sequence_length=lengths, split=config.split, shuffle=False,
-        num_epochs=1, shard_info=seqio.ShardInfo(shard, num_shards),
-        use_cached=False, seed=0)
-    model_ds = seqio.EncDecFeatureConverter(pack=False)(task_ds, lengths)
     finished = self._finished.get(task_name, frozenset())
-    skipped_chunks = set()
-    count = 0
-    for index, (task_example, model_features) in enumerate(
-        tf.data.Dataset.zip((task_ds, model_ds)).as_numpy_iterator()):
-      count += 1
-      chunk = task_layout.chunk_of(index)
-      if (shard, chunk) in finished:
-        skipped_chunks.add(chunk)
+    skip = [chunk for s, chunk in finished if s == shard]
+    count = skipped = 0
+    for chunk, examples, data in read_chunks(self._config, task_name, shard,
+                                             num_shards, skip):
+      count += examples
+      if data is None:
+        skipped += 1
         continue
-      features = {k: np.asarray(v, np.int32)
-                  for k, v in model_features.items()}
-      yield ((task_name, shard, chunk),
-             (index, record_inputs(task_example, config), features))
-    Metrics.counter(NAMESPACE, 'chunks_skipped').inc(len(skipped_chunks))
+      yield (task_name, shard, chunk), data
+    Metrics.counter(NAMESPACE, 'chunks_skipped').inc(skipped)
     Metrics.counter(NAMESPACE, 'examples_read').inc(count)
-    files.write_atomically(task_layout.count_path(shard, num_shards),
-                           json.dumps({'examples': count}).encode())
+    files.write_atomically(
+        self._config.layout(task_name).count_path(shard, num_shards),
+        json.dumps({'examples': count}).encode())
     yield beam.pvalue.TaggedOutput(SHARD_COUNTS, (task_name, (shard, count)))

@@ -143,7 +143,7 @@ def test_dry_run_builds_the_dataflow_job_offline(
   assert report['status'] == 0
   steps = {name.split('/')[1] for name in report['transforms']
            if name.startswith('T5Inference/')}
-  assert {'ListInputShards', 'ReadShards', 'GroupIntoChunks', 'InferChunks',
+  assert {'ListInputShards', 'ReadShards', 'SpreadChunks', 'InferChunks',
           'PlanMerge', 'MergeOutputShards', 'WriteManifest',
           'ReleaseLock'} <= steps  # the job releases the run lock itself
   # The accelerator and the container reach the job description.

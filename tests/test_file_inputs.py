@@ -100,3 +100,74 @@ def test_a_missing_inputs_field_names_the_field(tmp_path):
       f'--gin.INFER_OUTPUT_DIR="{output}"', "--gin.INFER_INPUTS_KEY='query'"])
   assert status != 0
   assert "no field 'query'" in stderr
+
+
+def _text_inputs(directory, file_type):
+  """Three files of awkward rows: non-ASCII text, inputs longer than their
+  length (cut, then EOS), empty targets, a JSON string holding U+2028."""
+  texts = [('Grüße aus Köln ' * (i % 4), str(i) * (i % 3)) for i in range(29)]
+  texts[3] = ('a \u2028 b', 'ok')
+  paths = []
+  for f in range(3):
+    path = os.path.join(directory, f'part-{f}.{file_type}')
+    rows = texts[f::3]
+    with open(path, 'w', encoding='utf-8') as out:
+      if file_type == 'jsonl':
+        out.writelines(json.dumps({'q': q, 'a': a}) + '\n' for q, a in rows)
+      else:
+        out.write('q\ta\n')
+        out.writelines(f'{q}\t{a}\n' for q, a in rows if '\u2028' not in q)
+    paths.append(path)
+  return os.path.join(directory, f'part-*.{file_type}')
+
+
+@pytest.mark.parametrize('file_type,vocabulary,settings', [
+    ('jsonl', 'bytes', {}),
+    ('tsv', 'bytes', {'include_all_inputs': True}),
+    ('jsonl', 'sentencepiece', {'input_fields_to_include': ('targets',)}),
+])
+def test_plain_files_are_chunked_as_their_seqio_task_reads_them(
+    tmp_path, file_type, vocabulary, settings):
+  """jsonl and TSV files skip tf.data: the chunks (records' `inputs` and
+  model features) equal those read through the file task's SeqIO pipeline,
+  over shards of several files, cut lengths and skipped chunks."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  from pipeline import file_tasks, plan, read  # pylint: disable=g-import-not-at-top
+  if vocabulary == 'bytes':
+    vocab = seqio.ByteVocabulary()
+  else:
+    helpers.write_data(str(tmp_path))
+    vocab = seqio.SentencePieceVocabulary(str(tmp_path / 'spm.model'))
+  spec = file_tasks.FileTaskSpec((_text_inputs(tmp_path, file_type),),
+                                 file_type, 'q', vocab, targets_key='a')
+  config = helpers.infer_config(
+      checkpoint_path='unused', task_feature_lengths={'inputs': 12,
+                                                      'targets': 4},
+      batch_size=2, checkpoint_period=2, num_input_shards=2,
+      output_dir=str(tmp_path / 'out'), mixture_or_task_name=spec.task_name,
+      split=file_tasks.SPLIT, file_task=spec, **settings)
+  plan.prepare_tasks(config)
+  chunks = 0
+  for shard in range(2):
+    fast = list(read.read_chunks(config, spec.task_name, shard, 2, skip=[1]))
+    slow = list(read._task_chunks(  # pylint: disable=protected-access
+        config, spec.task_name, shard, 2, [1]))
+    assert [(c, n) for c, n, _ in fast] == [(c, n) for c, n, _ in slow]
+    for (chunk, _, a), (_, _, b) in zip(fast, slow):
+      assert (a is None) == (b is None) == (chunk == 1)
+      if a is None:
+        continue
+      chunks += 1
+      assert a.first == b.first == 4 * chunk
+      assert a.inputs == b.inputs
+      for name in a.features:
+        np.testing.assert_array_equal(a.features[name], b.features[name])
+  assert chunks >= 4
+  first = json.loads(fast[0][2].inputs[0])
+  if 'include_all_inputs' in settings:
+    assert first['inputs'][-1] == 1 and len(first['inputs']) <= 12
+  elif 'input_fields_to_include' in settings:
+    assert sorted(first) == ['targets', 'targets_pretokenized']
+  else:
+    assert sorted(first) == ['inputs_pretokenized', 'targets_pretokenized']
