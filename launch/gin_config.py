@@ -107,7 +107,8 @@ def infer(*,  # pylint: disable=invalid-name
           output_dir: str = gin.REQUIRED,
           mode: str = 'predict',
           checkpoint_period: int = 100,
-          num_output_shards: int = 1,
+          num_output_shards: Union[int, str] = 1,
+          output_shard_bytes: int = AUTO_OUTPUT_SHARD_BYTES,
           num_input_shards: Optional[int] = None,
           activation_dtype: Optional[str] = None,
           output_ids: bool = False,
@@ -167,6 +168,7 @@ def infer(*,  # pylint: disable=invalid-name
       checkpoint_period=checkpoint_period,
       num_input_shards=num_input_shards,
       num_output_shards=num_output_shards,
+      output_shard_bytes=output_shard_bytes,
       include_all_inputs=include_all_inputs,
       input_fields_to_include=(tuple(input_fields_to_include)
                                if input_fields_to_include is not None

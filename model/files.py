@@ -7,11 +7,12 @@ resumed run) never sees half a chunk. Writers use a unique temporary name,
 so concurrent retries of the same chunk cannot interleave their bytes.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import uuid
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import fsspec
 
@@ -46,6 +47,18 @@ def list_names(directory: str) -> List[str]:
                 for p in fs.ls(directory, detail=False))
 
 
+def list_sizes(directory: str) -> Dict[str, int]:
+  """{base name: bytes} of the files directly in `directory` ({} if it is
+  absent): one listing (gcsfs pages it), no request per file."""
+  fs = filesystem(directory)
+  try:
+    entries = fs.ls(directory, detail=True)
+  except FileNotFoundError:
+    return {}
+  return {os.path.basename(e['name'].rstrip('/')): int(e.get('size') or 0)
+          for e in entries if e.get('type') != 'directory'}
+
+
 def read_bytes(path: str) -> bytes:
   with fsspec.open(path, 'rb') as f:
     return f.read()
@@ -63,15 +76,36 @@ def is_dir(path: str) -> bool:
   return filesystem(path).isdir(path)
 
 
-def write_atomically(path: str, data: bytes):
-  """Writes `data` to `path` so that `path` exists only when complete."""
+@contextlib.contextmanager
+def atomic_writer(path: str):
+  """A binary file to stream into; it appears as `path` only once the block
+  ends without an error (else it is removed). Local files are written to a
+  temporary name and renamed; on GCS the upload streams to a temporary
+  object (gcsfs sends it in blocks), moved into place at the end."""
   directory, name = os.path.split(path)
   temporary = join(directory, f'{TEMP_PREFIX}{uuid.uuid4().hex}-{name}')
   fs = filesystem(path)
   fs.makedirs(directory, exist_ok=True)
-  with fs.open(temporary, 'wb') as f:
-    f.write(data)
+  try:
+    with fs.open(temporary, 'wb') as f:
+      yield f
+  except BaseException:
+    if fs.exists(temporary):
+      fs.rm(temporary)
+    raise
   fs.mv(temporary, path)
+
+
+def write_atomically(path: str, data: bytes):
+  """Writes `data` to `path` so that `path` exists only when complete."""
+  with atomic_writer(path) as f:
+    f.write(data)
+
+
+def read_lines(path: str) -> Iterator[bytes]:
+  """The lines of a file (with their b'\\n'), streamed."""
+  with fsspec.open(path, 'rb') as f:
+    yield from f
 
 
 def create_exclusively(path: str, data: bytes):

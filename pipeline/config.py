@@ -2,7 +2,7 @@
 from Gin), and the settings its run fingerprint is made of."""
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from pipeline.inference import ModelSpec
 from pipeline.layout import TaskLayout
@@ -10,8 +10,13 @@ from pipeline.layout import TaskLayout
 # Raised whenever a change alters the outputs of the same settings, so that
 # an output directory written by an older t5beam is recognised and refused
 # instead of silently mixed. 1: sampling keys per batch; 2: one key per
-# example, from (seed, task, input shard, index in shard).
-FINGERPRINT_VERSION = 2
+# example, from (seed, task, input shard, index in shard); 3: the input's
+# identity (its files' names, sizes and versions) is part of the fingerprint,
+# and a shard of several plain input files reads them one after another.
+FINGERPRINT_VERSION = 3
+
+# num_output_shards='auto' aims at output files of this size.
+AUTO_OUTPUT_SHARD_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +36,11 @@ class InferConfig:
   checkpoint_period: int = 100
   # None: one per source file when the task reads files, else 1.
   num_input_shards: Optional[int] = None
-  num_output_shards: int = 1
+  # Output files per task, or 'auto': as many as make files of about
+  # output_shard_bytes, chosen at merge time from the chunk files' sizes (the
+  # manifest records the number).
+  num_output_shards: Union[int, str] = 1
+  output_shard_bytes: int = AUTO_OUTPUT_SHARD_BYTES
   # The record's `inputs`: by default the task's *_pretokenized features;
   # include_all_inputs puts every task feature there (token ids as lists);
   # input_fields_to_include names fields (with their _pretokenized forms).
@@ -58,7 +67,12 @@ class InferConfig:
   skip_memory_check: bool = False
 
   def __post_init__(self):
-    for name in ('checkpoint_period', 'num_output_shards'):
+    if self.num_output_shards != 'auto' and (
+        not isinstance(self.num_output_shards, int) or
+        self.num_output_shards < 1):
+      raise ValueError(f"infer.num_output_shards must be a positive integer "
+                       f"or 'auto', got {self.num_output_shards!r}")
+    for name in ('checkpoint_period', 'output_shard_bytes'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be at least 1, got '
                          f'{getattr(self, name)}')
@@ -86,7 +100,8 @@ class InferConfig:
   def layout(self, task_name: str) -> TaskLayout:
     """Where `task_name`'s files go (see pipeline.layout)."""
     return TaskLayout(self.output_dir, task_name, self.model.mode,
-                      self.num_output_shards, self.chunk_size)
+                      (None if self.num_output_shards == 'auto' else
+                       self.num_output_shards), self.chunk_size)
 
   def fingerprint_fields(self) -> Dict[str, Any]:
     """The settings that decide what the outputs contain, with the
@@ -100,6 +115,8 @@ class InferConfig:
         'checkpoint_period': self.checkpoint_period,
         'num_input_shards': self.num_input_shards,
         'num_output_shards': self.num_output_shards,
+        'output_shard_bytes': (self.output_shard_bytes
+                               if self.num_output_shards == 'auto' else None),
         'include_all_inputs': self.include_all_inputs,
         'input_fields_to_include': (list(self.input_fields_to_include)
                                     if self.input_fields_to_include is not None

@@ -21,7 +21,7 @@ of a shard is in chunk i // chunk_size.
 
 import dataclasses
 import re
-from typing import List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from model import files
 
@@ -36,7 +36,9 @@ class TaskLayout:
   output_dir: str
   task: str
   mode: str
-  num_output_shards: int
+  # None: chosen at merge time (num_output_shards='auto'); the manifest
+  # records it.
+  num_output_shards: Optional[int]
   chunk_size: int
 
   @property
@@ -76,14 +78,14 @@ class TaskLayout:
     return files.join(self.chunk_dir,
                       f'count-{shard:05d}-of-{num_shards:05d}.json')
 
-  def finished_chunks(self, num_shards: int) -> Set[Tuple[int, int]]:
-    """(input shard, chunk) of every complete chunk file, from one listing
-    of the chunk directory."""
-    done = set()
-    for name in files.list_names(self.chunk_dir):
+  def finished_chunks(self, num_shards: int) -> Dict[Tuple[int, int], int]:
+    """{(input shard, chunk): bytes} of every complete chunk file, from one
+    (paged) listing of the chunk directory."""
+    done = {}
+    for name, size in files.list_sizes(self.chunk_dir).items():
       parsed = parse_chunk_name(name)
       if parsed and parsed[1] == num_shards:
-        done.add((parsed[0], parsed[2]))
+        done[(parsed[0], parsed[2])] = size
     return done
 
   def shard_counts(self) -> Tuple[Optional[int], dict]:
@@ -100,15 +102,17 @@ class TaskLayout:
 
   # --- final files ---------------------------------------------------------------
 
-  def output_name(self, index: int) -> str:
-    return (f'{self.stem}.jsonl-{index:05d}-of-'
-            f'{self.num_output_shards:05d}')
+  def output_name(self, index: int, num_files: Optional[int] = None) -> str:
+    """Output file `index` of `num_files` (by default the configured
+    number; with 'auto', the number the merge chose)."""
+    num_files = num_files or self.num_output_shards
+    return f'{self.stem}.jsonl-{index:05d}-of-{num_files:05d}'
 
-  def output_path(self, index: int) -> str:
-    return files.join(self.output_dir, self.output_name(index))
+  def output_path(self, index: int, num_files: Optional[int] = None) -> str:
+    return files.join(self.output_dir, self.output_name(index, num_files))
 
-  def marker_path(self, index: int) -> str:
-    return self.output_path(index) + '.COMPLETED'
+  def marker_path(self, index: int, num_files: Optional[int] = None) -> str:
+    return self.output_path(index, num_files) + '.COMPLETED'
 
   @property
   def manifest_path(self) -> str:

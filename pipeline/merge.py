@@ -4,10 +4,12 @@ manifest and the .COMPLETED markers are written, last.
 """
 
 import dataclasses
+import hashlib
+import itertools
 import json
 import logging
 import time
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import apache_beam as beam
 
@@ -21,6 +23,7 @@ class MergeJob:
   read from `pieces`: (chunk path, first line, line count)."""
   index: int
   pieces: Tuple[Tuple[str, int, int], ...]
+  num_files: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +44,9 @@ class PlanMerge(beam.DoFn):
 
   Runs after every chunk of the task is written. Checks that every chunk
   file the shard counts call for exists, then splits the task's records
-  into `num_output_shards` contiguous ranges. Also yields the task's summary
-  to the 'summary' output.
+  into `num_output_shards` contiguous ranges (with 'auto', as many as make
+  files of about `output_shard_bytes`, from the listing's sizes). Also
+  yields the task's summary to the 'summary' output.
   """
 
   def __init__(self, config: InferConfig):
@@ -71,18 +75,10 @@ class PlanMerge(beam.DoFn):
     if total == 0:
       logging.warning('t5beam: task %s split %r has no examples; writing an '
                       'empty output', task_name, config.split)
-    n = config.num_output_shards
-    bounds = [total * i // n for i in range(n + 1)]
-    for index in range(n):
-      start, end = bounds[index], bounds[index + 1]
-      pieces = []
-      offset = 0
-      for path, size in chunks:
-        lo, hi = max(start, offset), min(end, offset + size)
-        if lo < hi:
-          pieces.append((path, lo - offset, hi - lo))
-        offset += size
-      yield task_name, MergeJob(index, tuple(pieces))
+    n = task_layout.num_output_shards or min(max(1, total), max(1, -(-sum(
+        finished.values()) // config.output_shard_bytes)))  # 'auto'
+    for index, pieces in enumerate(_split(chunks, total, n)):
+      yield task_name, MergeJob(index, tuple(pieces), n)
     stats = list(grouped['stats'])
     yield beam.pvalue.TaggedOutput('summary', (task_name, {
         'examples': total,
@@ -96,39 +92,93 @@ class PlanMerge(beam.DoFn):
     }))
 
 
-class MergeOutputShard(beam.DoFn):
-  """(task, MergeJob) -> the output file, written atomically."""
+# What the merge holds of an output file before writing it out.
+MERGE_BUFFER_BYTES = 4 << 20
 
-  def __init__(self, config: InferConfig):
+
+def _split(chunks, total: int, n: int):
+  """The pieces (chunk path, first line, line count) of each of `n`
+  contiguous, near-equal ranges of the `total` records that `chunks`
+  ((path, records), in order) hold; one pass over the chunks."""
+  bounds = [total * i // n for i in range(n + 1)]
+  pieces = [[] for _ in range(n)]
+  index, offset = 0, 0
+  for path, size in chunks:
+    end = offset + size
+    while index < n and bounds[index] < end:
+      lo, hi = max(bounds[index], offset), min(bounds[index + 1], end)
+      if lo < hi:
+        pieces[index].append((path, lo - offset, hi - lo))
+      if bounds[index + 1] > end:
+        break
+      index += 1
+    offset = end
+  return pieces
+
+
+class MergeOutputShard(beam.DoFn):
+  """(task, MergeJob) -> the output file, streamed from its chunk files in
+  order into an atomic write; its checksum and counts are taken on the way.
+  Memory stays within `buffer_bytes` (plus one line) whatever the file's
+  size."""
+
+  def __init__(self, config: InferConfig,
+               buffer_bytes: int = MERGE_BUFFER_BYTES):
     self._config = config
+    self._buffer_bytes = buffer_bytes
 
   def process(self, element):
     task_name, job = element
     task_layout = self._config.layout(task_name)
-    parts = []
-    for path, first, count in job.pieces:
-      lines = files.read_text(path).splitlines(keepends=True)
-      if len(lines) < first + count:
-        raise RuntimeError(f'chunk file {path} has {len(lines)} records, '
-                           f'expected at least {first + count}')
-      parts.extend(lines[first:first + count])
-    data = ''.join(parts).encode('utf-8')
-    files.write_atomically(task_layout.output_path(job.index), data)
-    matches, with_targets = _exact_matches(parts)
-    yield task_name, OutputFile(job.index, task_layout.output_name(job.index),
-                                len(parts), len(data), files.sha256(data),
+    digest = hashlib.sha256()
+    records = size = matches = with_targets = 0
+    buffer, buffered = [], 0
+    with files.atomic_writer(task_layout.output_path(
+        job.index, job.num_files)) as out:
+      for path, first, count in job.pieces:
+        taken = 0
+        for line in itertools.islice(files.read_lines(path), first,
+                                     first + count):
+          if not line.endswith(b'\n'):
+            break  # a chunk file is written whole; this one is not
+          taken += 1
+          matched = _exact_match(line)
+          if matched is not None:
+            with_targets += 1
+            matches += matched
+          buffer.append(line)
+          buffered += len(line)
+          if buffered >= self._buffer_bytes:
+            data = b''.join(buffer)
+            out.write(data)
+            digest.update(data)
+            size += len(data)
+            buffer, buffered = [], 0
+        if taken < count:
+          raise RuntimeError(f'chunk file {path} has {first + taken} whole '
+                             f'records, expected at least {first + count}')
+        records += taken
+      data = b''.join(buffer)
+      out.write(data)
+      digest.update(data)
+      size += len(data)
+    yield task_name, OutputFile(job.index,
+                                task_layout.output_name(job.index,
+                                                        job.num_files),
+                                records, size, digest.hexdigest(),
                                 matches, with_targets)
 
 
-def _exact_matches(lines: Sequence[str]) -> Tuple[int, int]:
-  matches = with_targets = 0
-  for line in lines:
-    record = json.loads(line)
-    target = record.get('inputs', {}).get('targets_pretokenized')
-    if isinstance(target, str) and 'prediction' in record:
-      with_targets += 1
-      matches += record['prediction'] == target
-  return matches, with_targets
+def _exact_match(line: bytes) -> Optional[bool]:
+  """Whether a record's prediction equals its targets_pretokenized; None
+  for a record without both (only those are parsed)."""
+  if b'"targets_pretokenized": ' not in line or b'"prediction": ' not in line:
+    return None
+  record = json.loads(line)
+  target = record.get('inputs', {}).get('targets_pretokenized')
+  if not isinstance(target, str) or 'prediction' not in record:
+    return None
+  return record['prediction'] == target
 
 
 class WriteManifest(beam.DoFn):
@@ -155,6 +205,7 @@ class WriteManifest(beam.DoFn):
         'fingerprint': self._fingerprint,
         'settings': self._settings,
         'records': summary['examples'],
+        'num_output_shards': len(outputs),
         'files': [dataclasses.asdict(o) for o in outputs],
         'exact_match': {
             'matches': sum(o.exact_matches for o in outputs),
@@ -183,7 +234,8 @@ class WriteManifest(beam.DoFn):
         task_layout.manifest_path,
         json.dumps(manifest, indent=2, sort_keys=True).encode('utf-8'))
     for output in outputs:
-      files.write_atomically(task_layout.marker_path(output.index), b'')
+      files.write_atomically(
+          files.join(config.output_dir, output.name + '.COMPLETED'), b'')
     files.remove(task_layout.chunk_dir)
     yield task_name, manifest
 

@@ -186,8 +186,13 @@ def is_task_complete(task_layout: TaskLayout, fingerprint: str) -> bool:
   manifest = files.read_json(task_layout.manifest_path)
   if manifest.get('fingerprint') != fingerprint:
     return False
-  return all(files.exists(task_layout.marker_path(i))
-             for i in range(task_layout.num_output_shards))
+  # The number of output files is the manifest's ('auto' chose it there).
+  names = [output['name'] for output in manifest.get('files', [])]
+  if not names or (task_layout.num_output_shards is not None and
+                   len(names) != task_layout.num_output_shards):
+    return False
+  present = set(files.list_names(task_layout.output_dir))
+  return all(name + '.COMPLETED' in present for name in names)
 
 
 def claim_output_dir(run_plan: RunPlan) -> Dict:
