@@ -9,7 +9,7 @@ INFER_OUTPUT_DIR, MODEL and VOCABULARY.
 
 import dataclasses
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import gin
 import seqio
@@ -21,7 +21,7 @@ from model.partitioning import Partitioning
 from model.config import T5Config
 from model.decoding import DecodingConfig
 from pipeline import plan
-from pipeline.config import InferConfig
+from pipeline.config import AUTO_OUTPUT_SHARD_BYTES, InferConfig
 from pipeline.inference import ModelSpec
 from pipeline.file_tasks import FileTaskSpec
 
@@ -125,7 +125,8 @@ def infer(*,  # pylint: disable=invalid-name
           lock_expiry_seconds: float = 900.0,
           lock_startup_seconds: float = 3600.0,
           wait_until_finish: bool = True,
-          skip_memory_check: bool = False) -> InferConfig:
+          skip_memory_check: bool = False,
+          compilation_cache_dir: Optional[str] = None) -> InferConfig:
   """Collects the run's settings (bound by runs/infer.gin) into InferConfig."""
   gin_model = model if isinstance(model, GinModel) else GinModel(None, None)
   checkpoint = restore_checkpoint_cfg.path
@@ -158,7 +159,8 @@ def infer(*,  # pylint: disable=invalid-name
       output_ids=output_ids,
       return_intermediates=return_intermediates,
       seed=seed,
-      partitioning=partitioner or Partitioning())
+      partitioning=partitioner or Partitioning(),
+      compilation_cache_dir=compilation_cache_dir)
   return InferConfig(
       mixture_or_task_name=task_name,
       output_dir=output,

@@ -59,6 +59,27 @@ def list_sizes(directory: str) -> Dict[str, int]:
           for e in entries if e.get('type') != 'directory'}
 
 
+def versions(paths: List[str]) -> Dict[str, str]:
+  """{path: 'size:version'} of existing files, the version being GCS's
+  generation or the modification time: one listing per directory."""
+  out = {}
+  by_directory = {}
+  for path in paths:
+    by_directory.setdefault(os.path.dirname(path), []).append(path)
+  for directory, members in by_directory.items():
+    fs = filesystem(directory)
+    entries = {os.path.basename(e['name'].rstrip('/')): e
+               for e in fs.ls(directory, detail=True)}
+    for path in members:
+      entry = entries.get(os.path.basename(path)) or fs.info(path)
+      version = entry.get('generation') or entry.get('mtime') or entry.get(
+          'updated') or ''
+      if hasattr(version, 'timestamp'):
+        version = version.timestamp()
+      out[path] = f'{int(entry.get("size") or 0)}:{version}'
+  return out
+
+
 def read_bytes(path: str) -> bytes:
   with fsspec.open(path, 'rb') as f:
     return f.read()

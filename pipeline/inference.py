@@ -74,6 +74,10 @@ class ModelSpec:
   return_intermediates: bool = False
   seed: int = 0
   partitioning: Partitioning = Partitioning()
+  # JAX's persistent compilation cache (a local or gs:// directory; None:
+  # ~/.cache/t5beam on the worker; '': off). It never changes outputs, so it
+  # is not in the fingerprint.
+  compilation_cache_dir: Optional[str] = None
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -265,6 +269,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
   once per worker process)."""
   from model import runtime  # pylint: disable=g-import-not-at-top
   runtime.configure_xla_cpu()  # a no-op once JAX runs in this process
+  cache = runtime.enable_compilation_cache(
+      runtime.DEFAULT_COMPILATION_CACHE if spec.compilation_cache_dir is None
+      else spec.compilation_cache_dir)
   from model.inference import InferenceModel  # pylint: disable=g-import-not-at-top
   from model import partitioning  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
@@ -281,9 +288,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
              np.zeros((spec.batch_size, 2), np.uint32))
   loaded.compile_seconds = time.perf_counter() - loaded_at
   logging.info('t5beam: process %d loaded the model in %.1f s onto mesh %s '
-               'and compiled batch shape %d in %.1f s', os.getpid(),
-               loaded.load_seconds, model.mesh_shape, spec.batch_size,
-               loaded.compile_seconds)
+               'and compiled batch shape %d in %.1f s (compilation cache: '
+               '%s)', os.getpid(), loaded.load_seconds, model.mesh_shape,
+               spec.batch_size, loaded.compile_seconds, cache or 'off')
   return loaded
 
 

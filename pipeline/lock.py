@@ -32,6 +32,11 @@ from pipeline.plan import PlanError
 
 LOCK_PREFIX = 't5beam-run.lock-'
 _LOCK_RE = re.compile(r'^t5beam-run\.lock-(\d{8})$')
+# Workers heartbeat into objects of their own, one per worker process:
+# `t5beam-run.beat-{generation}-{worker}`. GCS allows about one write per
+# second to one object; each of these is written at most once per heartbeat
+# interval, whatever the number of workers.
+BEAT_PREFIX = 't5beam-run.beat-'
 DEFAULT_EXPIRY_SECONDS = 900.0
 
 
@@ -77,8 +82,32 @@ def _generations(output_dir: str):
   return sorted(found)
 
 
+def _beat_prefix(generation: int) -> str:
+  return f'{BEAT_PREFIX}{generation:08d}-'
+
+
+def _beat_names(output_dir: str, generation: int):
+  prefix = _beat_prefix(generation)
+  return [n for n in files.list_names(output_dir) if n.startswith(prefix)]
+
+
+def _newest_beat(output_dir: str, generation: int) -> Optional[dict]:
+  """The freshest worker heartbeat of a lock generation, or None."""
+  newest = None
+  for name in _beat_names(output_dir, generation):
+    try:
+      beat = json.loads(files.read_text(files.join(output_dir, name)))
+    except (FileNotFoundError, ValueError):
+      continue
+    if newest is None or beat['heartbeat'] > newest['heartbeat']:
+      newest = beat
+  return newest
+
+
 def current_holder(output_dir: str) -> Optional[Holder]:
-  """The newest lock in `output_dir`, or None when it is free."""
+  """The newest lock in `output_dir`, or None when it is free. Its
+  heartbeat is the freshest of the lock file's and its workers'; once a
+  worker has heartbeat, the workers' expiry applies."""
   for _ in range(10):
     generations = _generations(output_dir)
     if not generations:
@@ -92,10 +121,14 @@ def current_holder(output_dir: str) -> Optional[Holder]:
       # Lock files appear whole; an unreadable one is a holder of unknown
       # liveness, and expires with the default expiry.
       record = {'owner': 'unknown', 'started': 0, 'heartbeat': 0}
+    heartbeat_at = record['heartbeat']
+    expiry = record.get('expiry_seconds', DEFAULT_EXPIRY_SECONDS)
+    beat = _newest_beat(output_dir, generations[-1])
+    if beat is not None:
+      heartbeat_at = max(heartbeat_at, beat['heartbeat'])
+      expiry = beat['expiry_seconds']
     return Holder(generations[-1], record['owner'], record['started'],
-                  record['heartbeat'],
-                  record.get('expiry_seconds', DEFAULT_EXPIRY_SECONDS),
-                  record.get('description', ''),
+                  heartbeat_at, expiry, record.get('description', ''),
                   record.get('bound_to_process', False))
   raise LockHeldError(f'INFER_OUTPUT_DIR {output_dir!r}: its run lock keeps '
                       'changing hands; retry later')
@@ -166,7 +199,7 @@ def acquire(output_dir: str, owner: str,
     if holder is not None:
       logging.warning('t5beam: took over the stale lock of %s',
                       _describe(holder, now))
-      files.remove(_lock_path(output_dir, holder.generation))
+      _remove_lock(output_dir, holder.generation)
     return generation
   raise LockHeldError(f'INFER_OUTPUT_DIR {output_dir!r}: could not take the '
                       'run lock while other runs kept taking it; retry later')
@@ -200,7 +233,14 @@ def release(output_dir: str, owner: str, generation: int):
   """Removes `owner`'s lock file (nothing if another run has taken over)."""
   path = _lock_path(output_dir, generation)
   if _owned_record(path, owner) is not None:
-    files.remove(path)
+    _remove_lock(output_dir, generation)
+
+
+def _remove_lock(output_dir: str, generation: int):
+  """Removes a lock file, then its workers' heartbeat objects."""
+  files.remove(_lock_path(output_dir, generation))
+  for name in _beat_names(output_dir, generation):
+    files.remove(files.join(output_dir, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,22 +300,37 @@ class Heartbeat:
     self._thread.join(timeout=self._ref.heartbeat_interval + 5)
 
 
-_last_beats: Dict[Tuple[str, str, int], float] = {}
+_last_beats: Dict[Tuple[str, str, int, str], float] = {}
 
 
-def worker_heartbeat(ref: Optional[LockRef]):
-  """Called by workers as they finish work; refreshes at most once per
-  heartbeat interval per process. The first worker heartbeat also ends the
-  job's start-up expiry (`startup_expiry_seconds`): from then on the lock
-  expires `ref.expiry_seconds` after the last heartbeat."""
+def worker_name() -> str:
+  """This worker process's name in its heartbeat object."""
+  return re.sub(r'[^A-Za-z0-9_.-]', '_', f'{socket.gethostname()}-'
+                f'{os.getpid()}')
+
+
+def worker_heartbeat(ref: Optional[LockRef], worker: Optional[str] = None,
+                     now: Optional[float] = None):
+  """Called by workers as they finish work: writes this worker's own
+  heartbeat object, at most once per heartbeat interval. The first worker
+  heartbeat also ends the job's start-up expiry (`startup_expiry_seconds`):
+  from then on the lock expires `ref.expiry_seconds` after the freshest
+  heartbeat. `worker` and `now` default to this process and the clock."""
   if ref is None:
     return
-  key = (ref.output_dir, ref.owner, ref.generation)
-  now = time.time()
-  if now - _last_beats.get(key, 0.0) < ref.heartbeat_interval:
+  worker = worker or worker_name()
+  now = time.time() if now is None else now
+  key = (ref.output_dir, ref.owner, ref.generation, worker)
+  if now - _last_beats.get(key, float('-inf')) < ref.heartbeat_interval:
     return
   _last_beats[key] = now
+  path = files.join(ref.output_dir,
+                    f'{_beat_prefix(ref.generation)}{worker}')
   try:
-    heartbeat(ref.output_dir, ref.owner, ref.generation, ref.expiry_seconds)
+    if not files.exists(_lock_path(ref.output_dir, ref.generation)):
+      return  # released, or taken over: nothing to keep alive
+    files.write_atomically(path, json.dumps({
+        'owner': ref.owner, 'worker': worker, 'heartbeat': now,
+        'expiry_seconds': ref.expiry_seconds}).encode('utf-8'))
   except Exception:  # pylint: disable=broad-except
     logging.warning('t5beam: lock heartbeat failed', exc_info=True)

@@ -73,6 +73,7 @@ class T5ModelHandler(ModelHandler):
                output_ids: bool = False,
                seed: int = 0,
                return_intermediates: bool = False,
+               compilation_cache_dir: Optional[str] = None,
                **kwargs):
     """`model`: a preset name ('t5_1_1_small', as the model Gin files), a
     T5Config, or None for a checkpoint that says its architecture (Hugging
@@ -84,6 +85,8 @@ class T5ModelHandler(ModelHandler):
     at their defaults (a `decoding` that says otherwise is refused). `kwargs`: Beam's
     ModelHandler options (`large_model`, `model_copies`, `min_batch_size`,
     `max_batch_size` (default `batch_size`), ...).
+    `compilation_cache_dir`: JAX's persistent compilation cache, local or
+    gs:// (None: ~/.cache/t5beam on the worker; '': off).
 
     The checkpoint and the architecture are checked here, so a wrong path
     fails when the pipeline is built, not on a worker."""
@@ -103,7 +106,8 @@ class T5ModelHandler(ModelHandler):
         decoding=decoding,
         output_ids=output_ids,
         return_intermediates=return_intermediates,
-        seed=seed)
+        seed=seed,
+        compilation_cache_dir=compilation_cache_dir)
     if vocabulary is not None and (vocabulary.vocab_size >
                                    architecture.vocab_size):
       raise ValueError(

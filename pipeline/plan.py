@@ -44,6 +44,9 @@ class RunPlan:
   tasks: Tuple[TaskPlan, ...]
   fingerprint: str
   settings: Dict[str, Any]
+  # {task: {input file: 'size:version'}}; its digest is settings['inputs'].
+  inputs: Dict[str, Dict[str, str]] = dataclasses.field(
+      default_factory=dict)
 
   @property
   def task_names(self) -> List[str]:
@@ -65,10 +68,30 @@ def make_run_plan(config: InferConfig,
   if tasks is None:
     tasks = resolve_tasks(config)
   settings = config.fingerprint_fields()
+  inputs = input_versions(tasks, config)
+  settings['inputs'] = fingerprint(inputs)
   return RunPlan(config,
                  tuple(TaskPlan(t.name, num_input_shards(t, config))
                        for t in tasks),
-                 fingerprint(settings), settings)
+                 fingerprint(settings), settings, inputs)
+
+
+def input_versions(tasks: Sequence[seqio.Task],
+                   config: InferConfig) -> Dict[str, Dict[str, str]]:
+  """{task: {input file: 'size:version'}} for the tasks read from files
+  (seqio.FileDataSource, plain input files): what tells a resumed run that
+  its input was replaced. Other sources (TFDS, functions) say nothing."""
+  out = {}
+  for task in tasks:
+    source = task.source
+    if not isinstance(source, seqio.FileDataSource):
+      continue
+    try:
+      paths = list(source.list_shards(config.split))
+    except Exception:  # pylint: disable=broad-except
+      continue  # the reader reports a missing split
+    out[task.name] = files.versions(paths)
+  return out
 
 
 def pending_tasks(run_plan: RunPlan) -> List[TaskPlan]:
@@ -134,16 +157,35 @@ def resolve_tasks(config: InferConfig) -> List[seqio.Task]:
 
 
 def num_input_shards(task: seqio.Task, config: InferConfig) -> int:
-  """The configured count, else one per source file, else 1."""
-  if config.num_input_shards is not None:
-    return config.num_input_shards
+  """The configured count, else one per source file, else 1.
+
+  Each input shard is read by one worker. A file source splits by files, so
+  it cannot have more shards than files (refused here, before any worker
+  starts); other sources (TFDS, functions) split with `Dataset.shard`, so
+  every reader reads every example and keeps its share (a warning)."""
   source = task.source
+  found = None
   if isinstance(source, seqio.FileDataSource):
     try:
-      return max(1, len(source.list_shards(config.split)))
+      found = len(source.list_shards(config.split))
     except Exception:  # pylint: disable=broad-except
-      return 1
-  return 1
+      found = None
+  if config.num_input_shards is None:
+    return max(1, found or 1)
+  if found is not None and config.num_input_shards > found:
+    raise PlanError(
+        f'infer.num_input_shards = {config.num_input_shards} but task '
+        f'{task.name!r} has {found} input file(s), and its shards are '
+        'files; set infer.num_input_shards to at most that, or split the '
+        'input into more files')
+  if found is None and config.num_input_shards > 1:
+    logging.warning(
+        't5beam: task %s is not read from files, so each of its %d input '
+        'shards scans every example and keeps 1 in %d; for read '
+        'parallelism at scale, give the task file-based input (a '
+        'FileDataSource) with at least as many files as shards',
+        task.name, config.num_input_shards, config.num_input_shards)
+  return config.num_input_shards
 
 
 _PLACEHOLDER = re.compile(r'\{([^{}:]*)(?::([^{}]*))?\}')
@@ -205,7 +247,8 @@ def claim_output_dir(run_plan: RunPlan) -> Dict:
   config = run_plan.config
   record = {'fingerprint': run_plan.fingerprint,
             'settings': run_plan.settings,
-            'tasks': run_plan.task_names}
+            'tasks': run_plan.task_names,
+            'inputs': run_plan.inputs}
   run_path = layout_lib.run_file(config.output_dir)
   if files.exists(run_path):
     existing = files.read_json(run_path)
@@ -220,6 +263,19 @@ def claim_output_dir(run_plan: RunPlan) -> Dict:
       else:
         what = (f'a different run '
                 f'({_differences(old_settings, record["settings"])})')
+        same_settings = ({k: v for k, v in old_settings.items()
+                          if k != 'inputs'} ==
+                         {k: v for k, v in record['settings'].items()
+                          if k != 'inputs'})
+        changed = same_settings and _changed_input(
+            existing.get('inputs', {}), run_plan.inputs)
+        if changed and not config.overwrite:
+          raise PlanError(
+              f'INFER_OUTPUT_DIR {config.output_dir!r} holds a run over '
+              f'other input: {changed}; a resume must read the input its '
+              'finished chunks were read from. Restore that input, use a '
+              'new output directory, or set infer.overwrite=True to start '
+              'over')
       if not config.overwrite:
         raise PlanError(
             f'INFER_OUTPUT_DIR {config.output_dir!r} holds {what}; use a new '
@@ -231,6 +287,24 @@ def claim_output_dir(run_plan: RunPlan) -> Dict:
   files.write_atomically(run_path, json.dumps(record, indent=2,
                                               sort_keys=True).encode())
   return record
+
+
+def _changed_input(old: Dict[str, Dict[str, str]],
+                   new: Dict[str, Dict[str, str]]) -> Optional[str]:
+  """How the first changed input file differs, or None if none did."""
+  for task in sorted(set(old) | set(new)):
+    before, after = old.get(task, {}), new.get(task, {})
+    for path in sorted(set(before) | set(after)):
+      if path not in after:
+        return f'{path} (task {task}) is gone'
+      if path not in before:
+        return f'{path} (task {task}) is new'
+      if before[path] != after[path]:
+        old_size, old_version = before[path].split(':', 1)
+        new_size, new_version = after[path].split(':', 1)
+        return (f'{path} (task {task}) changed (size {old_size} -> '
+                f'{new_size}, version {old_version} -> {new_version})')
+  return None
 
 
 def _differences(old: Dict, new: Dict) -> str:

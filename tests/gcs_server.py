@@ -275,8 +275,10 @@ def create_bucket(env: dict[str, str], name: str) -> None:
 
 
 @contextlib.contextmanager
-def running_server():
-  """Starts server + TLS proxy; yields the env dict for a child process."""
+def running_server(data_dir: str = None):
+  """Starts server + TLS proxy; yields the env dict for a child process.
+  `data_dir` preloads objects: its folders are buckets, their files objects
+  (fake-gcs-server's -data), for tests that need many objects at once."""
   with contextlib.ExitStack() as stack:
     tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix='fakegcs-'))
     cert_path, key_path = _write_self_signed_cert(tmp)
@@ -284,7 +286,8 @@ def running_server():
     http_port = _free_port()
     process = subprocess.Popen(
         [_binary(), '-scheme', 'http', '-host', '127.0.0.1',
-         '-port', str(http_port), '-backend', 'memory', '-log-level', 'error'],
+         '-port', str(http_port), '-backend', 'memory', '-log-level', 'error']
+        + (['-data', data_dir] if data_dir else []),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def _stop_server():

@@ -198,15 +198,33 @@ def test_progress_line_counts_chunks_and_examples(tmp_path):
   assert 'examples/s' in line and 'ETA' in line
 
 
+def _run_demo(output, cache, *flags):
+  from model import runtime  # pylint: disable=g-import-not-at-top
+  return subprocess.run(
+      [sys.executable, '-m', 'launch.infer', '--gin_file=examples/demo.gin',
+       f'--gin.INFER_OUTPUT_DIR="{output}"', *flags],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, runtime.COMPILATION_CACHE_ENV: str(cache)})
+
+
 def test_embedded_demo_end_to_end(tmp_path):
   """The README's run command, minus the install: predictions right on at
-  least 90% of held-out additions, shown in the summary."""
+  least 90% of held-out additions, shown in the summary. Then the same job
+  through Beam's portable runner API (the path of Flink and Spark) writes
+  the same bytes, its workers reusing the executables the first run put in
+  the persistent compilation cache."""
   output = tmp_path / 'demo'
-  process = subprocess.run(
-      [sys.executable, '-m', 'launch.infer', '--gin_file=examples/demo.gin',
-       f'--gin.INFER_OUTPUT_DIR="{output}"'],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
+  cache = tmp_path / 'compilation-cache'
+  process = _run_demo(output, cache)
   assert process.returncode == 0, process.stderr[-3000:]
+  cached = sorted(os.listdir(cache))
+  assert cached and f'compilation cache: {cache}' in process.stderr
+  portable = _run_demo(tmp_path / 'portable', cache, '--runner=PortableRunner',
+                       '--job_endpoint=embed', '--environment_type=LOOPBACK')
+  assert portable.returncode == 0, portable.stderr[-3000:]
+  assert (helpers.output_files(tmp_path / 'portable') ==
+          helpers.output_files(output))
+  assert sorted(os.listdir(cache)) == cached  # hits: nothing compiled anew
   match = re.search(r'exact match with targets: ([\d.]+)% \((\d+)/(\d+)\)',
                     process.stderr)
   assert match, process.stderr[-3000:]

@@ -160,7 +160,7 @@ def test_output_of_an_older_t5beam_version_is_refused_by_name(env, tmp_path,
   before = helpers.output_files(output)
   with pytest.raises(PlanError, match=r'holds output written by another '
                      r't5beam version \(fingerprint version 1; this t5beam '
-                     r'writes version 2.*infer.overwrite=True'):
+                     r'writes version 3.*infer.overwrite=True'):
     run(make_config(env, output))
   assert helpers.output_files(output) == before
 

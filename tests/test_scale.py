@@ -3,6 +3,7 @@ merge streams, the lock's heartbeat rate stays within GCS's per-object limit,
 a resume over changed input is refused, other Beam runners work."""
 
 import hashlib
+import time
 import json
 import os
 import tracemalloc
@@ -139,3 +140,92 @@ def test_auto_output_shards_are_sized_from_the_chunk_files(tmp_path):
   assert plan.is_task_complete(task_layout, 'f')
   os.remove(tmp_path / (outputs[3].name + '.COMPLETED'))
   assert not plan.is_task_complete(task_layout, 'f')
+
+
+def test_a_resume_over_changed_input_is_refused_naming_the_file(
+    tmp_path, monkeypatch):
+  """A run over two input files fails part-way; one file is then replaced:
+  the resume is refused in one line naming that file, and the finished
+  chunk files stay. With the file restored, the resume finishes."""
+  from pipeline import infer_chunks  # pylint: disable=g-import-not-at-top
+  from tests.test_file_inputs import gin_file  # pylint: disable=g-import-not-at-top
+  from tests.test_launch import launch  # pylint: disable=g-import-not-at-top
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  for f in range(2):
+    with open(inputs / f'part-{f}.jsonl', 'w') as out:
+      out.writelines(json.dumps({'question': f'{f} + {i}'}) + '\n'
+                     for i in range(12))
+  config_file = gin_file(tmp_path, str(inputs / '*.jsonl'), 'jsonl',
+                         'DatasetConfig.batch_size = 4\n'
+                         'infer.checkpoint_period = 1\n')
+  output = tmp_path / 'out'
+  argv = [f'--gin_file={config_file}', f'--gin.INFER_OUTPUT_DIR="{output}"']
+  from pipeline import file_tasks  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  task = file_tasks.FileTaskSpec((str(inputs / '*.jsonl'),), 'jsonl',
+                                 'question', seqio.ByteVocabulary()).task_name
+  monkeypatch.setenv(infer_chunks.FAULT_ONCE_ENV,
+                     f'{task}:1:2={tmp_path / "fired"}')
+  status, stderr = launch(argv)
+  assert status != 0 and 'injected fault' in stderr
+  chunk_dir = output / f'tmp-{task}-predict'
+  finished = sorted(os.listdir(chunk_dir))
+  original = (inputs / 'part-1.jsonl').read_bytes()
+  stat = os.stat(inputs / 'part-1.jsonl')
+  with open(inputs / 'part-1.jsonl', 'a') as out:
+    out.write(json.dumps({'question': '9 + 9'}) + '\n')
+  status, stderr = launch(argv)
+  errors = [l for l in stderr.splitlines() if l.startswith('t5beam: error')]
+  assert status != 0 and len(errors) == 1, stderr
+  assert 'part-1.jsonl' in errors[0] and 'changed' in errors[0], errors[0]
+  assert sorted(os.listdir(chunk_dir)) == finished
+  (inputs / 'part-1.jsonl').write_bytes(original)
+  os.utime(inputs / 'part-1.jsonl', ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  status, stderr = launch(argv)
+  assert status == 0, stderr
+  records = helpers.read_records(
+      output / f'{task}-predict.jsonl-00000-of-00001')
+  assert [r['inputs']['inputs_pretokenized'] for r in records] == [
+      f'{f} + {i}' for f in range(2) for i in range(12)]
+
+
+def test_300_workers_heartbeat_within_gcs_per_object_write_rate(
+    tmp_path, monkeypatch):
+  """300 simulated workers finishing a chunk every 0.2 s for ten minutes:
+  each writes only its own heartbeat object, at most once per heartbeat
+  interval (GCS allows about one write per second per object); the lock
+  file is never rewritten by them. The lock is live while they beat and
+  expires once they stop."""
+  from model import files  # pylint: disable=g-import-not-at-top
+  from pipeline import lock  # pylint: disable=g-import-not-at-top
+  output = str(tmp_path / 'out')
+  ref = lock.LockRef(output, 'launcher:1:x', 0, expiry_seconds=900,
+                     release_at_end=True, startup_seconds=3600)
+  generation = lock.acquire(output, ref.owner, ref.startup_expiry_seconds)
+  ref = lock.LockRef(output, ref.owner, generation, 900, True, 3600)
+  writes = []
+  real_write = files.write_atomically
+  monkeypatch.setattr(files, 'write_atomically', lambda path, data: (
+      writes.append((os.path.basename(path), json.loads(data)['heartbeat'])),
+      real_write(path, data)))
+  start = time.time()
+  for step in range(3000):  # 600 s of simulated time
+    now = start + 0.2 * step
+    for worker in range(300):
+      lock.worker_heartbeat(ref, worker=f'w{worker}', now=now)
+  by_object = {}
+  for name, at in writes:
+    by_object.setdefault(name, []).append(at)
+  assert len(by_object) == 300
+  assert not any(name.startswith(lock.LOCK_PREFIX) for name in by_object)
+  for times in by_object.values():
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert min(gaps) >= ref.heartbeat_interval >= 1.0
+  assert len(writes) / 600 <= 300 / ref.heartbeat_interval + 300 / 600
+  holder = lock.current_holder(output)
+  assert holder.expiry_seconds == 900  # the workers' expiry, not start-up's
+  assert now - ref.heartbeat_interval < holder.heartbeat <= now
+  assert holder.is_live(now) and not holder.is_live(now + 901)
+  lock.release(output, ref.owner, generation)
+  assert os.listdir(output) == []

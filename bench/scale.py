@@ -1,0 +1,232 @@
+"""Benchmark: does every step's cost grow with its own work only?
+
+The demo model over generated jsonl inputs (4 files, batches of 32,
+checkpoint_period 1, so a chunk is one batch), run as the whole command
+(`python -m launch.infer`, DirectRunner) at two sizes 10x apart. For each it
+prints: total wall time, time to the first chunk file (start-up and
+planning), time after the last chunk (merge and manifest), steady time per
+chunk and its overhead beyond the model's own time, and the command's peak
+memory. The model's own examples/s on the same batches is measured first,
+in this process. Then it times planning a resumed run over 10^5 finished
+chunk files, on local disk and on the loopback GCS server of the tests.
+Not a test: run it by hand.
+
+    .venv/bin/python bench/scale.py [--chunks 1000] [--factor 10]
+        [--plan-chunks 100000] [--no-gcs]
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+BATCH = 32
+GIN = """
+include 'runs/infer_from_files.gin'
+include 'models/t5beam_demo.gin'
+CHECKPOINT_PATH = @t5beam.package_path()
+t5beam.package_path.relative = 'launch/demo/checkpoint'
+TASK_FEATURE_LENGTHS = {'inputs': 16, 'targets': 8}
+INFER_TARGETS_KEY = 'targets'
+RestoreCheckpointConfig.dtype = 'float32'
+DatasetConfig.batch_size = %d
+infer.checkpoint_period = 1
+""" % BATCH
+
+
+def write_inputs(directory: str, examples: int):
+  """4 jsonl files of two-digit additions ("47 + 38" -> "85")."""
+  os.makedirs(directory, exist_ok=True)
+  rng = random.Random(examples)
+  for f in range(4):
+    with open(os.path.join(directory, f'part-{f}.jsonl'), 'w') as out:
+      for _ in range(examples // 4):
+        a, b = rng.randrange(10, 100), rng.randrange(10, 100)
+        out.write(json.dumps({'inputs': f'{a} + {b}',
+                              'targets': str(a + b)}) + '\n')
+  return os.path.join(directory, '*.jsonl')
+
+
+def gin_args(work: str, pattern: str, output: str):
+  gin_file = os.path.join(work, 'scale.gin')
+  with open(gin_file, 'w') as f:
+    f.write(GIN)
+  return [f'--gin_file={gin_file}',
+          f'--gin.INFER_FILE_PATTERNS=["{pattern}"]',
+          f'--gin.INFER_OUTPUT_DIR="{output}"']
+
+
+def model_alone(work: str, pattern: str) -> float:
+  """The demo model's examples/s on the task's own batches, no Beam."""
+  from model import runtime  # pylint: disable=g-import-not-at-top
+  runtime.configure_xla_cpu()
+  from launch import infer  # pylint: disable=g-import-not-at-top
+  from pipeline import inference, plan, read  # pylint: disable=g-import-not-at-top
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  args = gin_args(work, pattern, os.path.join(work, 'unused'))
+  gin_files, bindings, paths, _ = infer.split_flags(args)
+  infer.parse_gin(gin_files, bindings, paths)
+  config, _ = infer.build_config()
+  run_plan = plan.make_run_plan(config)
+  task = run_plan.tasks[0]
+  spec = dataclasses.replace(config.model,
+                             model_config=infer.check_checkpoint(config.model))
+  loaded = inference.load_model(spec)
+  batches = [inference.pad_batch(chunk.features, BATCH)
+             for shard in range(task.num_shards)
+             for _, _, chunk in read.read_chunks(config, task.name, shard,
+                                                 task.num_shards)]
+  best = 0.0
+  for _ in range(3):
+    start = time.perf_counter()
+    for batch in batches:
+      loaded.run(batch)
+    best = max(best, len(batches) * BATCH / (time.perf_counter() - start))
+  return best
+
+
+def timed_run(work: str, pattern: str, output: str):
+  """Runs the whole command; (seconds to the first chunk file, to the last,
+  to the end, peak RSS MB, manifest)."""
+  args = gin_args(work, pattern, output)
+  seen = {'first': None, 'last': None, 'count': 0}
+  done = threading.Event()
+
+  def watch():
+    chunk_dir = None
+    while not done.wait(0.25):
+      if chunk_dir is None and os.path.isdir(output):
+        found = [n for n in os.listdir(output) if n.startswith('tmp-')]
+        chunk_dir = os.path.join(output, found[0]) if found else None
+      if chunk_dir is None:
+        continue
+      try:
+        count = sum(1 for e in os.scandir(chunk_dir)
+                    if e.name.startswith('chunk-'))
+      except FileNotFoundError:
+        continue  # removed after the manifest
+      now = time.perf_counter()
+      if count and seen['first'] is None:
+        seen['first'] = now
+      if count > seen['count']:
+        seen['count'], seen['last'] = count, now
+
+  watcher = threading.Thread(target=watch, daemon=True)
+  start = time.perf_counter()
+  watcher.start()
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'launch.infer', *args], cwd=REPO,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  _, status, usage = os.wait4(process.pid, 0)
+  end = time.perf_counter()
+  done.set()
+  watcher.join()
+  stderr = process.stderr.read().decode()
+  if status:
+    raise SystemExit(f'the run failed:\n{stderr[-3000:]}')
+  (manifest,) = [n for n in os.listdir(output) if n.endswith('manifest.json')]
+  with open(os.path.join(output, manifest)) as f:
+    manifest = json.load(f)
+  return (seen['first'] - start, seen['last'] - start, end - start,
+          usage.ru_maxrss / 1024, manifest)
+
+
+def plan_over_finished_chunks(root: str, chunks: int):
+  """Seconds to plan a resume over `chunks` finished chunk files in
+  `root` (a local directory or gs:// path), made there beforehand."""
+  from pipeline import layout, plan  # pylint: disable=g-import-not-at-top
+  task_layout = layout.TaskLayout(root, 'bench', 'predict', 1, BATCH)
+  start = time.perf_counter()
+  finished = task_layout.finished_chunks(4)
+  seconds = time.perf_counter() - start
+  assert len(finished) == chunks, (len(finished), chunks)
+  del plan
+  return seconds
+
+
+def make_chunk_files(directory: str, chunks: int):
+  """`chunks` small chunk files of 4 input shards, written directly."""
+  from pipeline import layout  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  line = b'{"inputs": {"inputs_pretokenized": "1 + 1"}, "prediction": "2"}\n'
+  for i in range(chunks):
+    name = layout.TaskLayout.chunk_name(i % 4, 4, i // 4)
+    with open(os.path.join(directory, name), 'wb') as f:
+      f.write(line * BATCH)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--chunks', type=int, default=1000)
+  parser.add_argument('--factor', type=int, default=10)
+  parser.add_argument('--plan-chunks', type=int, default=100_000)
+  parser.add_argument('--no-gcs', action='store_true')
+  parser.add_argument('--plan-only', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.plan_only:  # the GCS planning child
+    print(json.dumps(plan_over_finished_chunks(args.plan_only,
+                                               args.plan_chunks)))
+    return
+  work = tempfile.mkdtemp(prefix='t5beam-scale-')
+  try:
+    sizes = [args.chunks, args.chunks * args.factor]
+    patterns = {n: write_inputs(os.path.join(work, f'in{n}'), n * BATCH)
+                for n in sizes}
+    rate = model_alone(work, patterns[sizes[0]])
+    print(f'model alone: {rate:.0f} examples/s (batches of {BATCH}, '
+          'demo model, float32)')
+    rows = []
+    for n in sizes:
+      first, last, total, peak, manifest = timed_run(
+          work, patterns[n], os.path.join(work, f'out{n}'))
+      examples = manifest['records']
+      steady = last - first
+      per_chunk = steady / max(n - 1, 1)
+      rows.append((n, examples, total, first, total - last, per_chunk,
+                   per_chunk - BATCH / rate, peak))
+      print(f'{n} chunks ({examples} examples): {total:.1f} s in all '
+            f'({examples / total / rate:.0%} of the model alone), '
+            f'{first:.1f} s to the first chunk, {total - last:.1f} s after '
+            f'the last; steady {1000 * per_chunk:.2f} ms per chunk '
+            f'({BATCH / per_chunk / rate:.0%} of the model alone), overhead '
+            f'{1000 * (per_chunk - BATCH / rate):.2f} ms per chunk; peak '
+            f'{peak:.0f} MB')
+    small, large = rows
+    print(f'per chunk, {args.factor}x larger / smaller: '
+          f'{large[5] / small[5]:.3f}; time after the last chunk as a share '
+          f'of the run: {small[4] / small[2]:.1%} -> {large[4] / large[2]:.1%}')
+    local = os.path.join(work, 'plan', 'tmp-bench-predict')
+    make_chunk_files(local, args.plan_chunks)
+    seconds = plan_over_finished_chunks(os.path.dirname(local),
+                                        args.plan_chunks)
+    print(f'planning over {args.plan_chunks} finished chunk files, local '
+          f'disk: {seconds:.2f} s')
+    if not args.no_gcs:
+      from tests import gcs_server  # pylint: disable=g-import-not-at-top
+      data = os.path.join(work, 'gcs')
+      shutil.move(os.path.join(work, 'plan'),
+                  os.path.join(data, 'bench-bucket', 'plan'))
+      with gcs_server.running_server(data_dir=data) as env:
+        child = subprocess.run(
+            [sys.executable, __file__, '--plan-only',
+             'gs://bench-bucket/plan', '--plan-chunks',
+             str(args.plan_chunks)], env=env, cwd=REPO, check=True,
+            capture_output=True, text=True)
+      seconds = json.loads(child.stdout.strip().splitlines()[-1])
+      print(f'planning over {args.plan_chunks} finished chunk files, GCS '
+            f'(loopback server): {seconds:.2f} s')
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == '__main__':
+  main()
