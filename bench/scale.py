@@ -12,7 +12,7 @@ chunk files, on local disk and on the loopback GCS server of the tests.
 Not a test: run it by hand.
 
     .venv/bin/python bench/scale.py [--chunks 1000] [--factor 10]
-        [--plan-chunks 100000] [--no-gcs]
+        [--plan-chunks 100000] [--gcs-plan-chunks 10000] [--no-gcs]
 """
 
 import argparse
@@ -123,16 +123,18 @@ def timed_run(work: str, pattern: str, output: str):
   watcher = threading.Thread(target=watch, daemon=True)
   start = time.perf_counter()
   watcher.start()
-  process = subprocess.Popen(
-      [sys.executable, '-m', 'launch.infer', *args], cwd=REPO,
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  _, status, usage = os.wait4(process.pid, 0)
+  log_path = output + '.log'
+  with open(log_path, 'wb') as log:
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'launch.infer', *args], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=log)
+    _, status, usage = os.wait4(process.pid, 0)
   end = time.perf_counter()
   done.set()
   watcher.join()
-  stderr = process.stderr.read().decode()
   if status:
-    raise SystemExit(f'the run failed:\n{stderr[-3000:]}')
+    with open(log_path) as log:
+      raise SystemExit(f'the run failed:\n{log.read()[-3000:]}')
   (manifest,) = [n for n in os.listdir(output) if n.endswith('manifest.json')]
   with open(os.path.join(output, manifest)) as f:
     manifest = json.load(f)
@@ -153,7 +155,7 @@ def plan_over_finished_chunks(root: str, chunks: int):
   return seconds
 
 
-def make_chunk_files(directory: str, chunks: int):
+def make_chunk_files(directory: str, chunks: int, size: int = BATCH):
   """`chunks` small chunk files of 4 input shards, written directly."""
   from pipeline import layout  # pylint: disable=g-import-not-at-top
   os.makedirs(directory, exist_ok=True)
@@ -161,7 +163,7 @@ def make_chunk_files(directory: str, chunks: int):
   for i in range(chunks):
     name = layout.TaskLayout.chunk_name(i % 4, 4, i // 4)
     with open(os.path.join(directory, name), 'wb') as f:
-      f.write(line * BATCH)
+      f.write(line * size)
 
 
 def main():
@@ -169,6 +171,9 @@ def main():
   parser.add_argument('--chunks', type=int, default=1000)
   parser.add_argument('--factor', type=int, default=10)
   parser.add_argument('--plan-chunks', type=int, default=100_000)
+  # The loopback server scans its whole bucket for every page of a listing
+  # (a page costs O(objects) there, not on GCS), so its default is smaller.
+  parser.add_argument('--gcs-plan-chunks', type=int, default=10_000)
   parser.add_argument('--no-gcs', action='store_true')
   parser.add_argument('--plan-only', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -213,16 +218,17 @@ def main():
     if not args.no_gcs:
       from tests import gcs_server  # pylint: disable=g-import-not-at-top
       data = os.path.join(work, 'gcs')
-      shutil.move(os.path.join(work, 'plan'),
-                  os.path.join(data, 'bench-bucket', 'plan'))
+      make_chunk_files(os.path.join(data, 'bench-bucket', 'plan',
+                                    'tmp-bench-predict'),
+                       args.gcs_plan_chunks)
       with gcs_server.running_server(data_dir=data) as env:
         child = subprocess.run(
             [sys.executable, __file__, '--plan-only',
              'gs://bench-bucket/plan', '--plan-chunks',
-             str(args.plan_chunks)], env=env, cwd=REPO, check=True,
+             str(args.gcs_plan_chunks)], env=env, cwd=REPO, check=True,
             capture_output=True, text=True)
       seconds = json.loads(child.stdout.strip().splitlines()[-1])
-      print(f'planning over {args.plan_chunks} finished chunk files, GCS '
+      print(f'planning over {args.gcs_plan_chunks} finished chunk files, GCS '
             f'(loopback server): {seconds:.2f} s')
   finally:
     shutil.rmtree(work, ignore_errors=True)

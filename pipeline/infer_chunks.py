@@ -5,6 +5,7 @@ what is here is the pipeline's own: chunk files written atomically, records
 with their `inputs`, counters, and the run lock's heartbeat.
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -64,11 +65,18 @@ class ChunkStats:
   mesh: Tuple[int, int] = (1, 1)
 
 
+# Chunk files a DoFn may have waiting to be written while it infers on.
+MAX_PENDING_WRITES = 4
+
+
 class InferChunk(beam.DoFn):
   """(chunk key, Chunk) -> the chunk's jsonl file; yields ChunkStats.
 
   The model is loaded in `setup`, once per worker process, and shared by the
-  DoFn instances of that process's threads.
+  DoFn instances of that process's threads. A chunk's file is written by a
+  background thread while the model runs the next chunk; the bundle ends
+  only once every file of it is written (a failed write fails the bundle,
+  which Beam retries), so a committed bundle's chunks are all on disk.
   """
 
   def __init__(self, config: InferConfig, fingerprint: str,
@@ -88,6 +96,32 @@ class InferChunk(beam.DoFn):
     self._model = self._model_handle.acquire(
         lambda: inference.load_model(spec),
         tag=f'{spec.checkpoint_path}:{self._fingerprint}')
+    lock.worker_heartbeat(self._lock_ref)
+    self._writer = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix='t5beam-chunk-writer')
+    self._pending = []
+
+  def start_bundle(self):
+    self._pending = []
+
+  def finish_bundle(self):
+    self._wait_for_writes(0)
+
+  def teardown(self):
+    writer = getattr(self, '_writer', None)
+    if writer is not None:
+      writer.shutdown(wait=True)
+
+  def _wait_for_writes(self, keep: int):
+    """Waits until at most `keep` chunk files are still being written;
+    raises the first write's error."""
+    while len(self._pending) > keep:
+      self._pending.pop(0).result()
+
+  def _write(self, path: str, inputs, inferences):
+    files.write_atomically(path, ''.join(
+        record_line(line_inputs, record)
+        for line_inputs, record in zip(inputs, inferences)).encode('utf-8'))
     lock.worker_heartbeat(self._lock_ref)
 
   def _vocabulary(self, task_name: str):
@@ -117,10 +151,9 @@ class InferChunk(beam.DoFn):
         [(task_name, shard, data.first + i) for i in range(len(data))],
         after_batch=lambda _: _maybe_inject_fault(task_name, shard, chunk))
     seconds = time.perf_counter() - start
-    files.write_atomically(path, ''.join(
-        record_line(inputs, record)
-        for inputs, record in zip(data.inputs, inferences)).encode('utf-8'))
-    lock.worker_heartbeat(self._lock_ref)
+    self._wait_for_writes(MAX_PENDING_WRITES - 1)
+    self._pending.append(self._writer.submit(self._write, path, data.inputs,
+                                             inferences))
     _counter('examples_inferred').inc(len(data))
     _counter('batches').inc(-(-len(data) // config.model.batch_size))
     _counter('chunks_inferred').inc()

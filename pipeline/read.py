@@ -22,21 +22,67 @@ from model import files
 from model import runtime
 from pipeline import file_tasks, plan
 from pipeline.config import InferConfig
-from pipeline.inference import FEATURES, NAMESPACE
+from pipeline.inference import NAMESPACE
 
 SHARD_COUNTS = 'shard_counts'
 
 
 @dataclasses.dataclass
 class Chunk:
-  """One chunk's examples: `inputs[i]` is the JSON of example
-  `first + i`'s record `inputs`, `features` its model features, row i."""
+  """One chunk's examples: `inputs[i]` is the JSON of example `first + i`'s
+  record `inputs`. Its token ids travel compact (each example's inputs and
+  targets, 0-padded to the chunk's longest, in uint16 when the ids fit):
+  through a shuffle that is a fraction of the padded int32 model features,
+  which `features` rebuilds."""
   first: int
   inputs: List[str]
-  features: Dict[str, np.ndarray]
+  encoder_tokens: np.ndarray
+  target_tokens: np.ndarray
+  lengths: Tuple[int, int]  # TASK_FEATURE_LENGTHS inputs, targets
 
   def __len__(self) -> int:
     return len(self.inputs)
+
+  @property
+  def features(self) -> Dict[str, np.ndarray]:
+    """The model features, [examples, length] int32 each."""
+    encoder = _widen(self.encoder_tokens, self.lengths[0])
+    targets = _widen(self.target_tokens, self.lengths[1])
+    decoder_inputs = np.zeros_like(targets)
+    decoder_inputs[:, 1:] = targets[:, :-1]
+    return {'encoder_input_tokens': encoder,
+            'decoder_input_tokens': decoder_inputs,
+            'decoder_target_tokens': targets,
+            'decoder_loss_weights': (targets != 0).astype(np.int32)}
+
+
+def _compact(tokens: np.ndarray) -> np.ndarray:
+  """[examples, length] ids without their all-padding columns, in uint16
+  when they fit."""
+  used = np.flatnonzero(np.any(tokens != 0, axis=0))
+  tokens = tokens[:, :used[-1] + 1 if len(used) else 0]
+  if tokens.size and 0 <= tokens.min() and tokens.max() < 1 << 16:
+    return tokens.astype(np.uint16)
+  return tokens.astype(np.int32)
+
+
+def _widen(tokens: np.ndarray, length: int) -> np.ndarray:
+  out = np.zeros((tokens.shape[0], length), np.int32)
+  out[:, :tokens.shape[1]] = tokens
+  return out
+
+
+def make_chunk(task_name: str, first: int, inputs_json: List[str],
+               inputs: np.ndarray, targets: np.ndarray,
+               lengths: Mapping[str, int]) -> Chunk:
+  """A Chunk from its examples' 0-padded token ids (any width), checked
+  against the feature lengths as SeqIO's converter checks them."""
+  return Chunk(first, inputs_json,
+               _compact(_padded(task_name, 'inputs', inputs,
+                                int(lengths['inputs']))),
+               _compact(_padded(task_name, 'targets', targets,
+                                int(lengths['targets']))),
+               (int(lengths['inputs']), int(lengths['targets'])))
 
 
 def _json_value(value: Any) -> Any:
@@ -66,14 +112,6 @@ def _keeps(config: Optional[InferConfig]):
     fields |= {f'{f}_pretokenized' for f in fields}
     return lambda k: k in fields
   return lambda k: k.endswith('_pretokenized')
-
-
-def record_inputs(task_example: Dict[str, Any],
-                  config: Optional[InferConfig] = None) -> Dict[str, Any]:
-  """The record's `inputs` of one task example, as T5X writes them."""
-  keep = _keeps(config)
-  return {k: _json_value(v) for k, v in sorted(task_example.items())
-          if keep(k)}
 
 
 def _inputs_json(columns: Dict[str, Any], count: int) -> List[str]:
@@ -106,22 +144,6 @@ def _padded(task_name: str, feature: str, tokens: np.ndarray,
   width = min(length, tokens.shape[1])
   out[:, :width] = tokens[:, :width]
   return out
-
-
-def model_features(task_name: str, inputs: np.ndarray, targets: np.ndarray,
-                   lengths: Mapping[str, int]) -> Dict[str, np.ndarray]:
-  """The model features of a batch of task examples, as SeqIO's
-  EncDecFeatureConverter (unpacked) makes them: inputs and targets padded
-  to their lengths, decoder inputs the padded targets shifted right (0
-  first), loss weights 1 where targets are not padding."""
-  encoder = _padded(task_name, 'inputs', inputs, int(lengths['inputs']))
-  targets = _padded(task_name, 'targets', targets, int(lengths['targets']))
-  decoder_inputs = np.zeros_like(targets)
-  decoder_inputs[:, 1:] = targets[:, :-1]
-  return {'encoder_input_tokens': encoder,
-          'decoder_input_tokens': decoder_inputs,
-          'decoder_target_tokens': targets,
-          'decoder_loss_weights': (targets != 0).astype(np.int32)}
 
 
 def _stack_rows(rows: Sequence[Sequence[int]]) -> np.ndarray:
@@ -173,11 +195,11 @@ def _file_chunks(config: InferConfig, shard: int, num_shards: int,
                                              lengths['targets'])}
     fields = {'inputs': tokens['inputs'], 'inputs_pretokenized': inputs,
               'targets': tokens['targets'], 'targets_pretokenized': targets}
-    yield chunk, len(rows), Chunk(
-        chunk * size,
+    yield chunk, len(rows), make_chunk(
+        spec.task_name, chunk * size,
         _inputs_json({k: v for k, v in fields.items() if keep(k)}, len(rows)),
-        model_features(spec.task_name, _stack_rows(tokens['inputs']),
-                       _stack_rows(tokens['targets']), lengths))
+        _stack_rows(tokens['inputs']), _stack_rows(tokens['targets']),
+        lengths)
 
 
 def _task_chunks(config: InferConfig, task_name: str, shard: int,
@@ -206,9 +228,10 @@ def _task_chunks(config: InferConfig, task_name: str, shard: int,
   def chunk_of(chunk, columns, inputs, targets):
     if chunk in skip:
       return None
-    return Chunk(chunk * size,
-                 _inputs_json({k: columns[k] for k in kept}, len(inputs)),
-                 model_features(task_name, inputs, targets, lengths))
+    return make_chunk(task_name, chunk * size,
+                      _inputs_json({k: columns[k] for k in kept},
+                                   len(inputs)),
+                      inputs, targets, lengths)
 
   if all(spec[k].shape.is_fully_defined() for k in kept):
     # One tf.data batch per chunk; token ids padded to the chunk's longest.
