@@ -229,3 +229,31 @@ def test_300_workers_heartbeat_within_gcs_per_object_write_rate(
   assert holder.is_live(now) and not holder.is_live(now + 901)
   lock.release(output, ref.owner, generation)
   assert os.listdir(output) == []
+
+
+def test_input_shards_beyond_a_file_source_are_refused_and_others_warned(
+    tmp_path_factory, caplog):
+  """A file source splits by files: more shards than files is refused at
+  planning. A function source splits with Dataset.shard, where every reader
+  scans every example: allowed, with a warning that says so."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  from pipeline import plan  # pylint: disable=g-import-not-at-top
+  helpers.small_environment(tmp_path_factory)
+  from tests import tasks  # pylint: disable=g-import-not-at-top,unused-import
+
+  def config(task, shards):
+    return helpers.infer_config(
+        checkpoint_path='unused', task_feature_lengths={'inputs': 8,
+                                                        'targets': 4},
+        output_dir='unused', mixture_or_task_name=task,
+        num_input_shards=shards)
+  two_files = seqio.get_mixture_or_task('t5beam_test_two_files')
+  assert plan.num_input_shards(two_files, config(two_files.name, None)) == 2
+  assert plan.num_input_shards(two_files, config(two_files.name, 2)) == 2
+  with pytest.raises(plan.PlanError, match=r'num_input_shards = 3 but task '
+                     r"'t5beam_test_two_files' has 2 input file"):
+    plan.num_input_shards(two_files, config(two_files.name, 3))
+  token_ids = seqio.get_mixture_or_task('t5beam_test_token_ids')
+  assert plan.num_input_shards(token_ids, config(token_ids.name, 4)) == 4
+  assert 'each of its 4 input shards scans every example' in caplog.text
