@@ -21,7 +21,7 @@ of a shard is in chunk i // chunk_size.
 
 import dataclasses
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from model import files
 
@@ -78,15 +78,27 @@ class TaskLayout:
     return files.join(self.chunk_dir,
                       f'count-{shard:05d}-of-{num_shards:05d}.json')
 
-  def finished_chunks(self, num_shards: int) -> Dict[Tuple[int, int], int]:
+  def finished_chunks(self, num_shards: int) -> Set[Tuple[int, int]]:
+    """(input shard, chunk) of every complete chunk file, from one (paged)
+    listing of the chunk directory's names."""
+    return set(self._chunks_of(files.list_names(self.chunk_dir),
+                               num_shards).values())
+
+  def chunk_file_sizes(self, num_shards: int) -> Dict[Tuple[int, int], int]:
     """{(input shard, chunk): bytes} of every complete chunk file, from one
-    (paged) listing of the chunk directory."""
-    done = {}
-    for name, size in files.list_sizes(self.chunk_dir).items():
+    listing with sizes (GCS lists them anyway; local disk stats each)."""
+    sizes = files.list_sizes(self.chunk_dir)
+    return {key: sizes[name]
+            for name, key in self._chunks_of(sizes, num_shards).items()}
+
+  @staticmethod
+  def _chunks_of(names, num_shards: int) -> Dict[str, Tuple[int, int]]:
+    found = {}
+    for name in names:
       parsed = parse_chunk_name(name)
       if parsed and parsed[1] == num_shards:
-        done[(parsed[0], parsed[2])] = size
-    return done
+        found[name] = (parsed[0], parsed[2])
+    return found
 
   def shard_counts(self) -> Tuple[Optional[int], dict]:
     """(number of input shards, {shard: examples}) from the count files the

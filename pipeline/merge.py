@@ -58,7 +58,10 @@ class PlanMerge(beam.DoFn):
     task_layout = config.layout(task_name)
     counts = dict(grouped['counts'])
     num_shards = len(counts)
-    finished = task_layout.finished_chunks(num_shards)  # one listing
+    if task_layout.num_output_shards is None:  # 'auto': sizes are needed
+      finished = task_layout.chunk_file_sizes(num_shards)  # one listing
+    else:
+      finished = dict.fromkeys(task_layout.finished_chunks(num_shards), 0)
     chunks = []  # (path, records) in input order
     missing = []
     for shard in sorted(counts):
