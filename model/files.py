@@ -30,7 +30,18 @@ def join(base: str, *names: str) -> str:
   return path
 
 
+def _local(path: str):
+  """The OS path of a local path (plain or file://), else None: local files
+  skip fsspec's per-call work, which is most of a small write's cost."""
+  if path.startswith('file://'):
+    return path[len('file://'):]
+  return None if '://' in path else path
+
+
 def exists(path: str) -> bool:
+  local = _local(path)
+  if local is not None:
+    return os.path.exists(local)
   return filesystem(path).exists(path)
 
 
@@ -40,6 +51,12 @@ def makedirs(path: str):
 
 def list_names(directory: str) -> List[str]:
   """Base names of the files directly in `directory` ([] if it is absent)."""
+  local = _local(directory)
+  if local is not None:
+    try:
+      return sorted(os.listdir(local))
+    except (FileNotFoundError, NotADirectoryError):
+      return []
   fs = filesystem(directory)
   if not fs.exists(directory):
     return []
@@ -105,6 +122,19 @@ def atomic_writer(path: str):
   object (gcsfs sends it in blocks), moved into place at the end."""
   directory, name = os.path.split(path)
   temporary = join(directory, f'{TEMP_PREFIX}{uuid.uuid4().hex}-{name}')
+  local = _local(path)
+  if local is not None:
+    local_temporary = _local(temporary)
+    os.makedirs(os.path.dirname(local) or '.', exist_ok=True)
+    try:
+      with open(local_temporary, 'wb') as f:
+        yield f
+    except BaseException:
+      if os.path.exists(local_temporary):
+        os.remove(local_temporary)
+      raise
+    os.replace(local_temporary, local)
+    return
   fs = filesystem(path)
   fs.makedirs(directory, exist_ok=True)
   try:
@@ -125,7 +155,9 @@ def write_atomically(path: str, data: bytes):
 
 def read_lines(path: str) -> Iterator[bytes]:
   """The lines of a file (with their b'\\n'), streamed."""
-  with fsspec.open(path, 'rb') as f:
+  local = _local(path)
+  with (open(local, 'rb') if local is not None else
+        fsspec.open(path, 'rb')) as f:
     yield from f
 
 
