@@ -1,11 +1,12 @@
 """Reading: one input shard of a SeqIO task -> its chunks.
 
 A chunk (`chunk_size` consecutive examples of one input shard) is the
-element that travels from reading to inference: its model features stacked
-into [examples, length] arrays, and each record's `inputs` already written
-as JSON. SeqIO's datasets are read a chunk at a time (`Dataset.batch`), so
-the cost per example is tf.data's and numpy's, not Beam's or Python's.
-Chunks an earlier run finished are dropped here, before they travel.
+element that travels from reading to inference: its token ids stacked
+(compactly: see `Chunk`), and each record's `inputs` already written as
+JSON. SeqIO's datasets are read a chunk at a time (`Dataset.padded_batch`),
+so the cost per example is tf.data's and numpy's, not Beam's; plain jsonl
+and TSV input files are read without tf.data. Chunks an earlier run
+finished are dropped here, before they travel.
 """
 
 import dataclasses
