@@ -64,16 +64,22 @@ def list_names(directory: str) -> List[str]:
                 for p in fs.ls(directory, detail=False))
 
 
-def list_sizes(directory: str) -> Dict[str, int]:
-  """{base name: bytes} of the files directly in `directory` ({} if it is
-  absent): one listing (gcsfs pages it), no request per file."""
-  fs = filesystem(directory)
+def _listing(directory: str) -> Dict[str, Dict[str, Any]]:
+  """{base name: fsspec's entry} of what is directly in `directory` ({} if
+  it is absent): one listing (gcsfs pages it), no request per file."""
   try:
-    entries = fs.ls(directory, detail=True)
+    entries = filesystem(directory).ls(directory, detail=True)
   except FileNotFoundError:
     return {}
-  return {os.path.basename(e['name'].rstrip('/')): int(e.get('size') or 0)
-          for e in entries if e.get('type') != 'directory'}
+  return {os.path.basename(e['name'].rstrip('/')): e for e in entries}
+
+
+def list_sizes(directory: str) -> Dict[str, int]:
+  """{base name: bytes} of the files directly in `directory` ({} if it is
+  absent), from one listing."""
+  return {name: int(e.get('size') or 0)
+          for name, e in _listing(directory).items()
+          if e.get('type') != 'directory'}
 
 
 def versions(paths: List[str]) -> Dict[str, str]:
@@ -84,11 +90,10 @@ def versions(paths: List[str]) -> Dict[str, str]:
   for path in paths:
     by_directory.setdefault(os.path.dirname(path), []).append(path)
   for directory, members in by_directory.items():
-    fs = filesystem(directory)
-    entries = {os.path.basename(e['name'].rstrip('/')): e
-               for e in fs.ls(directory, detail=True)}
+    entries = _listing(directory)
     for path in members:
-      entry = entries.get(os.path.basename(path)) or fs.info(path)
+      entry = (entries.get(os.path.basename(path)) or
+               filesystem(path).info(path))
       version = entry.get('generation') or entry.get('mtime') or entry.get(
           'updated') or ''
       if hasattr(version, 'timestamp'):

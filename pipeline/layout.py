@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Set, Tuple
 from model import files
 
 RUN_FILE = 't5beam-run.json'
+MARKER_SUFFIX = '.COMPLETED'
 _CHUNK_RE = re.compile(r'^chunk-(\d+)-of-(\d+)-(\d+)\.jsonl$')
 _COUNT_RE = re.compile(r'^count-(\d+)-of-(\d+)\.json$')
 
@@ -124,7 +125,7 @@ class TaskLayout:
     return files.join(self.output_dir, self.output_name(index, num_files))
 
   def marker_path(self, index: int, num_files: Optional[int] = None) -> str:
-    return self.output_path(index, num_files) + '.COMPLETED'
+    return self.output_path(index, num_files) + MARKER_SUFFIX
 
   @property
   def manifest_path(self) -> str:

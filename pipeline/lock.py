@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from model import files
 from pipeline.plan import PlanError
@@ -73,9 +73,9 @@ def _lock_path(output_dir: str, generation: int) -> str:
   return files.join(output_dir, f'{LOCK_PREFIX}{generation:08d}')
 
 
-def _generations(output_dir: str):
+def _generations(names: List[str]):
   found = []
-  for name in files.list_names(output_dir):
+  for name in names:
     match = _LOCK_RE.match(name)
     if match:
       found.append(int(match.group(1)))
@@ -86,15 +86,16 @@ def _beat_prefix(generation: int) -> str:
   return f'{BEAT_PREFIX}{generation:08d}-'
 
 
-def _beat_names(output_dir: str, generation: int):
+def _beat_names(names: List[str], generation: int):
   prefix = _beat_prefix(generation)
-  return [n for n in files.list_names(output_dir) if n.startswith(prefix)]
+  return [n for n in names if n.startswith(prefix)]
 
 
-def _newest_beat(output_dir: str, generation: int) -> Optional[dict]:
+def _newest_beat(output_dir: str, names: List[str],
+                 generation: int) -> Optional[dict]:
   """The freshest worker heartbeat of a lock generation, or None."""
   newest = None
-  for name in _beat_names(output_dir, generation):
+  for name in _beat_names(names, generation):
     try:
       beat = json.loads(files.read_text(files.join(output_dir, name)))
     except (FileNotFoundError, ValueError):
@@ -109,7 +110,8 @@ def current_holder(output_dir: str) -> Optional[Holder]:
   heartbeat is the freshest of the lock file's and its workers'; once a
   worker has heartbeat, the workers' expiry applies."""
   for _ in range(10):
-    generations = _generations(output_dir)
+    names = files.list_names(output_dir)  # locks and beats, one listing
+    generations = _generations(names)
     if not generations:
       return None
     path = _lock_path(output_dir, generations[-1])
@@ -123,7 +125,7 @@ def current_holder(output_dir: str) -> Optional[Holder]:
       record = {'owner': 'unknown', 'started': 0, 'heartbeat': 0}
     heartbeat_at = record['heartbeat']
     expiry = record.get('expiry_seconds', DEFAULT_EXPIRY_SECONDS)
-    beat = _newest_beat(output_dir, generations[-1])
+    beat = _newest_beat(output_dir, names, generations[-1])
     if beat is not None:
       heartbeat_at = max(heartbeat_at, beat['heartbeat'])
       expiry = beat['expiry_seconds']
@@ -239,7 +241,7 @@ def release(output_dir: str, owner: str, generation: int):
 def _remove_lock(output_dir: str, generation: int):
   """Removes a lock file, then its workers' heartbeat objects."""
   files.remove(_lock_path(output_dir, generation))
-  for name in _beat_names(output_dir, generation):
+  for name in _beat_names(files.list_names(output_dir), generation):
     files.remove(files.join(output_dir, name))
 
 

@@ -138,6 +138,15 @@ class MergeOutputShard(beam.DoFn):
     buffer, buffered = [], 0
     with files.atomic_writer(task_layout.output_path(
         job.index, job.num_files)) as out:
+
+      def flush():
+        nonlocal buffer, buffered, size
+        data = b''.join(buffer)
+        out.write(data)
+        digest.update(data)
+        size += len(data)
+        buffer, buffered = [], 0
+
       for path, first, count in job.pieces:
         taken = 0
         for line in itertools.islice(files.read_lines(path), first,
@@ -152,19 +161,12 @@ class MergeOutputShard(beam.DoFn):
           buffer.append(line)
           buffered += len(line)
           if buffered >= self._buffer_bytes:
-            data = b''.join(buffer)
-            out.write(data)
-            digest.update(data)
-            size += len(data)
-            buffer, buffered = [], 0
+            flush()
         if taken < count:
           raise RuntimeError(f'chunk file {path} has {first + taken} whole '
                              f'records, expected at least {first + count}')
         records += taken
-      data = b''.join(buffer)
-      out.write(data)
-      digest.update(data)
-      size += len(data)
+      flush()
     yield task_name, OutputFile(job.index,
                                 task_layout.output_name(job.index,
                                                         job.num_files),
@@ -238,7 +240,7 @@ class WriteManifest(beam.DoFn):
         json.dumps(manifest, indent=2, sort_keys=True).encode('utf-8'))
     for output in outputs:
       files.write_atomically(
-          files.join(config.output_dir, output.name + '.COMPLETED'), b'')
+          task_layout.marker_path(output.index, len(outputs)), b'')
     files.remove(task_layout.chunk_dir)
     yield task_name, manifest
 

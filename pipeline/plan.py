@@ -68,30 +68,29 @@ def make_run_plan(config: InferConfig,
   if tasks is None:
     tasks = resolve_tasks(config)
   settings = config.fingerprint_fields()
-  inputs = input_versions(tasks, config)
+  source_files = {t.name: _source_files(t, config) for t in tasks}
+  # What tells a resumed run that its input was replaced: each input file's
+  # size and version, for the tasks read from files (seqio.FileDataSource,
+  # plain input files). Other sources (TFDS, functions) say nothing.
+  inputs = {name: files.versions(paths)
+            for name, paths in source_files.items() if paths is not None}
   settings['inputs'] = fingerprint(inputs)
   return RunPlan(config,
-                 tuple(TaskPlan(t.name, num_input_shards(t, config))
-                       for t in tasks),
+                 tuple(TaskPlan(t.name, num_input_shards(
+                     t, config, source_files[t.name])) for t in tasks),
                  fingerprint(settings), settings, inputs)
 
 
-def input_versions(tasks: Sequence[seqio.Task],
-                   config: InferConfig) -> Dict[str, Dict[str, str]]:
-  """{task: {input file: 'size:version'}} for the tasks read from files
-  (seqio.FileDataSource, plain input files): what tells a resumed run that
-  its input was replaced. Other sources (TFDS, functions) say nothing."""
-  out = {}
-  for task in tasks:
-    source = task.source
-    if not isinstance(source, seqio.FileDataSource):
-      continue
-    try:
-      paths = list(source.list_shards(config.split))
-    except Exception:  # pylint: disable=broad-except
-      continue  # the reader reports a missing split
-    out[task.name] = files.versions(paths)
-  return out
+def _source_files(task: seqio.Task, config: InferConfig
+                  ) -> Optional[List[str]]:
+  """The input files of a task read from files (None for other sources,
+  and for a split the source cannot list: its reader reports that)."""
+  if not isinstance(task.source, seqio.FileDataSource):
+    return None
+  try:
+    return list(task.source.list_shards(config.split))
+  except Exception:  # pylint: disable=broad-except
+    return None
 
 
 def pending_tasks(run_plan: RunPlan) -> List[TaskPlan]:
@@ -156,20 +155,18 @@ def resolve_tasks(config: InferConfig) -> List[seqio.Task]:
                   f'task or mixture{where}{hint}')
 
 
-def num_input_shards(task: seqio.Task, config: InferConfig) -> int:
+def num_input_shards(task: seqio.Task, config: InferConfig,
+                     source_files: Optional[List[str]] = None) -> int:
   """The configured count, else one per source file, else 1.
 
   Each input shard is read by one worker. A file source splits by files, so
   it cannot have more shards than files (refused here, before any worker
   starts); other sources (TFDS, functions) split with `Dataset.shard`, so
-  every reader reads every example and keeps its share (a warning)."""
-  source = task.source
-  found = None
-  if isinstance(source, seqio.FileDataSource):
-    try:
-      found = len(source.list_shards(config.split))
-    except Exception:  # pylint: disable=broad-except
-      found = None
+  every reader reads every example and keeps its share (a warning).
+  `source_files`: the task's files when the caller has listed them."""
+  if source_files is None:
+    source_files = _source_files(task, config)
+  found = None if source_files is None else len(source_files)
   if config.num_input_shards is None:
     return max(1, found or 1)
   if found is not None and config.num_input_shards > found:
@@ -234,7 +231,7 @@ def is_task_complete(task_layout: TaskLayout, fingerprint: str) -> bool:
                    len(names) != task_layout.num_output_shards):
     return False
   present = set(files.list_names(task_layout.output_dir))
-  return all(name + '.COMPLETED' in present for name in names)
+  return all(name + layout_lib.MARKER_SUFFIX in present for name in names)
 
 
 def claim_output_dir(run_plan: RunPlan) -> Dict:
