@@ -12,14 +12,17 @@ line naming what is wrong and what to do.
 """
 
 import dataclasses
+import difflib
+import inspect
 import logging
 import math
+import re
 import sys
 import time
 import tokenize
 from typing import List, Optional, Sequence, Tuple
 
-from launch import gin_config, progress
+from launch import gin_config, progress, t5x_names
 
 LOCAL_RUNNERS = ('FnApiRunner', 'DirectRunner', 'BundleBasedDirectRunner',
                  'SwitchingDirectRunner')
@@ -27,6 +30,25 @@ LOCAL_RUNNERS = ('FnApiRunner', 'DirectRunner', 'BundleBasedDirectRunner',
 
 class LaunchError(Exception):
   """A problem the user must fix; its message is one line saying what."""
+
+
+# A refusal is one short line: under MESSAGE_LIMIT characters besides the
+# paths it names, each path at most PATH_LIMIT (shortened in its middle).
+MESSAGE_LIMIT = 200
+PATH_LIMIT = 64
+_PATH = re.compile(r"[\w.~:-]*/[^\s'\",;()]+")
+
+
+def short_path(path: str) -> str:
+  if len(path) <= PATH_LIMIT:
+    return path
+  keep = (PATH_LIMIT - 3) // 2
+  return f'{path[:keep]}...{path[-keep:]}'
+
+
+def one_line(message: str) -> str:
+  """A refusal as printed: on one line, its long paths shortened."""
+  return _PATH.sub(lambda m: short_path(m.group()), ' '.join(message.split()))
 
 
 def split_flags(argv: Sequence[str]) -> Tuple[List[str], List[str], List[str],
@@ -112,9 +134,7 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     raise LaunchError(f'Gin file not found: {e}; check --gin_file and '
                       '--gin_search_paths') from e
   except Exception as e:  # pylint: disable=broad-except
-    message = ' '.join(str(e).split())
-    raise LaunchError(f'Gin configuration error in {source}: '
-                      f'{message}') from e
+    raise LaunchError(describe_gin_error(e, source)) from e
   for macro in gin_config.REQUIRED_MACROS + gin_config.OPTIONAL_REQUIRED:
     try:
       value = gin.query_parameter(f'%{macro}')
@@ -123,19 +143,89 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
         continue  # not defined by the files in use
       value = gin.REQUIRED
     if value is gin.REQUIRED or repr(value) == '%gin.REQUIRED':
+      if macro == 'DROPOUT_RATE':
+        raise LaunchError(
+            "macro DROPOUT_RATE is required by T5X's model files (unused at "
+            'inference): set DROPOUT_RATE = 0.0 in your Gin file')
       raise LaunchError(
           f'required macro {macro} is not set; set it in your Gin file or '
           f'pass --gin.{macro}=...')
 
 
+_GIN_LOCATION = re.compile(r'In (?:file "([^"]+)", line|bindings string '
+                           r'line) (\d+)')
+
+
+def describe_gin_error(error: Exception, source: str) -> str:
+  """Gin's error as one line: what is unknown, where it was bound (file
+  and line), and the closest known name."""
+  import gin  # pylint: disable=g-import-not-at-top
+  text = str(error)
+  first = text.strip().split('\n')[0].strip()
+  found = _GIN_LOCATION.search(text)
+  where = source
+  if found:
+    where = f'{found[1] or source}:{found[2]}'
+  match = re.match(r"Configurable '([^']+)' doesn't have a parameter named "
+                   r"'([^']+)'", first)
+  if match:
+    name, parameter = match.groups()
+    try:
+      wrapped = gin.config._REGISTRY.get_match(name).wrapped  # pylint: disable=protected-access
+      known = list(inspect.signature(wrapped).parameters)
+    except (ValueError, TypeError, AttributeError):
+      known = []
+    return (f'Gin: {name} has no parameter {parameter!r} ({where})'
+            f'{_closest(parameter, known)}')
+  match = re.match(r"Couldn't resolve selector [^;]+; <module '([^']+)'.*> "
+                   r'has no attribute (\w+)', first)
+  if match:
+    module, name = match.groups()
+    known = [n for n in dir(sys.modules.get(module)) if not n.startswith('_')]
+    return (f'Gin: {module} has no {name!r} ({where}){_closest(name, known)}')
+  match = re.match(r"No module named '([^']+)'", first)
+  if match:
+    module = match[1]
+    if t5x_names.is_t5x_import(module):
+      return (f"Gin: t5beam does not provide T5X's module {module} ({where})"
+              f'{_closest(module, list(t5x_names.MODULES))}')
+    return (f'Gin: cannot import {module} ({where}): check that it is '
+            'installed and on PYTHONPATH')
+  match = re.match(r"No configurable matching '([^']+)'", first)
+  if match:
+    name = match[1]
+    selectors = [selector for selector, _ in gin.config._REGISTRY.items()]  # pylint: disable=protected-access
+    depth = name.count('.') + 1
+    known = sorted({'.'.join(s.split('.')[-depth:]) for s in selectors})
+    return (f'Gin: no configurable {name!r} ({where}){_closest(name, known)}')
+  return f'Gin configuration error in {where}: {first}'
+
+
+def _closest(name: str, known: Sequence[str]) -> str:
+  close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+  return f'; did you mean {close[0]!r}?' if close else ''
+
+
 def build_config():
-  """The InferConfig and model vocabulary the parsed Gin config describes."""
+  """The InferConfig and the model (a gin_config.GinModel: its
+  vocabularies) the parsed Gin config describes."""
   try:
     config = gin_config.infer()
-    vocabulary = gin_config.model_vocabulary()
+    model = gin_config.bound_model()
   except (ValueError, TypeError) as e:
-    raise LaunchError(' '.join(str(e).split())) from e
-  return config, vocabulary
+    # Gin adds lines saying which configurable raised: the first is ours.
+    raise LaunchError(str(e).strip().split('\n')[0]) from e
+  # Modules the Gin files import to register tasks (T5X's files do, e.g.
+  # `from t5.data import mixtures`): workers import them too.
+  modules = tuple(sorted({statement.module for statement in _gin_imports()
+                          if not t5x_names.is_t5x_import(statement.module)
+                          and not statement.module.startswith('launch.')}))
+  return dataclasses.replace(config, task_modules=modules), model
+
+
+def _gin_imports():
+  import gin  # pylint: disable=g-import-not-at-top
+  return gin.config._IMPORTS  # pylint: disable=protected-access
 
 
 def check_checkpoint(spec):
@@ -212,13 +302,14 @@ def check_mesh(config, architecture, options):
       architecture, devices[1], capacity, batch_size=spec.batch_size,
       **settings)
   fix = (f'set partitioning.PjitPartitioner.num_partitions = {fits}'
-         if fits else 'no model axis over these devices fits: use a smaller '
-         'DatasetConfig.batch_size, bfloat16, or a bigger accelerator')
+         if fits else 'no model axis fits: use a smaller batch_size, '
+         'bfloat16 or a bigger accelerator')
+  # The estimate's parts are in the log line above.
   raise LaunchError(
-      f'the run needs {need.describe()} but a {devices[0]} has '
-      f'{capacity / memory.GiB:.1f} GiB (a run may plan on '
-      f'{usable / memory.GiB:.1f} GiB): {fix}; or set '
-      'infer.skip_memory_check=True to run anyway (it is an estimate)')
+      f'the run needs {need.total / memory.GiB:.2f} GiB per device '
+      f'(parameters {need.parameters / memory.GiB:.2f}) but a {devices[0]} '
+      f'has {capacity / memory.GiB:.1f} GiB, {usable / memory.GiB:.1f} '
+      f'usable: {fix}, or infer.skip_memory_check=True')
 
 
 def _memory_settings(spec):
@@ -240,21 +331,23 @@ class _FlagDevice:
     self.platform = platform
 
 
-def check_vocabularies(tasks, vocabulary):
-  """Every task feature's vocabulary equals the model's."""
-  if vocabulary is None:
+def check_vocabularies(tasks, model):
+  """Every task's inputs and targets vocabularies equal the model's
+  (`model`: a gin_config.GinModel)."""
+  if model.vocabulary is None:
     logging.info('t5beam: no model VOCABULARY in the Gin config; the tasks\' '
                  'vocabularies are not checked')
     return
+  expected = {'inputs': model.vocabulary, 'targets': model.targets_vocabulary}
   for task in tasks:
-    for name in ('inputs', 'targets'):
+    for name, vocabulary in expected.items():
       feature = task.output_features.get(name)
       if feature is not None and feature.vocabulary != vocabulary:
         raise LaunchError(
-            f'the vocabulary of task {task.name!r} feature {name!r} '
-            f'({_describe(feature.vocabulary)}) differs from the model\'s '
-            f'({_describe(vocabulary)}); set VOCABULARY in the Gin file to '
-            'the one the model was trained with, or use a matching task')
+            f'task {task.name!r} feature {name!r} has '
+            f'{_describe(feature.vocabulary)}, the model '
+            f'{_describe(vocabulary)}: set VOCABULARY to the model\'s, or '
+            'use a matching task')
 
 
 def _describe(vocabulary) -> str:
@@ -306,7 +399,7 @@ def prepare(argv: Sequence[str]):
   from pipeline import plan  # pylint: disable=g-import-not-at-top
   gin_files, bindings, search_paths, beam_args = split_flags(argv)
   parse_gin(gin_files, bindings, search_paths)
-  config, vocabulary = build_config()
+  config, model = build_config()
   options = pipeline_options(beam_args)
   try:
     tasks = plan.resolve_tasks(config)
@@ -314,14 +407,20 @@ def prepare(argv: Sequence[str]):
     raise LaunchError(str(e)) from e
   architecture = check_checkpoint(config.model)
   check_mesh(config, architecture, options)
-  check_vocabularies(tasks, vocabulary)
+  check_vocabularies(tasks, model)
   config = dataclasses.replace(config, model=dataclasses.replace(
       config.model, model_config=architecture))
   return plan.make_run_plan(config, tasks), options
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
+  """The command; T5X's Gin module paths are provided while it runs (Gin
+  imports them again when it writes config.gin)."""
+  with t5x_names.provided():
+    return _main(sys.argv[1:] if argv is None else argv)
+
+
+def _main(argv: Sequence[str]) -> int:
   logging.basicConfig(level=logging.INFO, format='%(message)s')
   for noisy in ('absl', 'apache_beam', 'jax', 'tensorflow', 'orbax',
                 'etils'):
@@ -337,7 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     run_plan, options = prepare(argv)
   except (LaunchError, plan.PlanError) as e:
-    print(f't5beam: error: {e}', file=sys.stderr)
+    print(f't5beam: error: {one_line(str(e))}', file=sys.stderr)
     return 2
   config = run_plan.config
   runner = options.view_as(StandardOptions).runner or ''
@@ -350,7 +449,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_plan, options,
         on_claimed=lambda c: _start(c, reporter))
   except plan.PlanError as e:  # a different run, or a live one, holds the dir
-    print(f't5beam: error: {e}', file=sys.stderr)
+    print(f't5beam: error: {one_line(str(e))}', file=sys.stderr)
     return 2
   except Exception as e:  # pylint: disable=broad-except
     logging.exception('t5beam: the pipeline failed')

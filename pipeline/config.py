@@ -32,6 +32,9 @@ class InferConfig:
   output_dir: str
   model: ModelSpec
   mixture_or_task_module: Optional[str] = None
+  # More modules that register tasks, imported before resolving them (on
+  # the launcher and on workers): those the Gin files import.
+  task_modules: Tuple[str, ...] = ()
   split: str = 'test'
   checkpoint_period: int = 100
   # None: one per source file when the task reads files, else 1.

@@ -111,21 +111,25 @@ def pending_tasks(run_plan: RunPlan) -> List[TaskPlan]:
   return pending
 
 
-def import_task_module(module: Optional[str]):
-  """Imports MIXTURE_OR_TASK_MODULE (which registers the user's tasks)."""
+def import_task_module(module: Optional[str],
+                       named: str = 'MIXTURE_OR_TASK_MODULE'):
+  """Imports a module that registers the user's tasks (`named`: where the
+  config names it, for the error)."""
   if not module:
     return
   try:
     importlib.import_module(module)
   except Exception as e:  # pylint: disable=broad-except
     raise PlanError(
-        f'MIXTURE_OR_TASK_MODULE {module!r} failed to import: '
+        f'{named} {module!r} failed to import: '
         f'{type(e).__name__}: {e}; check that the module is on PYTHONPATH and '
         'imports on its own') from e
 
 
 def prepare_tasks(config: InferConfig):
   """Registers what the config's tasks need, on the launcher and workers."""
+  for module in config.task_modules:
+    import_task_module(module, 'the Gin import')
   import_task_module(config.mixture_or_task_module)
   if config.file_task is not None:
     from pipeline import file_tasks  # pylint: disable=g-import-not-at-top
@@ -145,9 +149,8 @@ def resolve_tasks(config: InferConfig) -> List[seqio.Task]:
     return [seqio.get_mixture_or_task(name)]
   known = sorted(set(seqio.TaskRegistry.names()) |
                  set(seqio.MixtureRegistry.names()))
-  close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-  hint = (f'; closest registered names: {close}' if close else
-          '; no registered name is close')
+  close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+  hint = f'; did you mean {close[0]!r}?' if close else ''
   where = (f' after importing {config.mixture_or_task_module!r}'
            if config.mixture_or_task_module else
            ' (set MIXTURE_OR_TASK_MODULE to the module that registers it)')

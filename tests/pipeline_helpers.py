@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,6 +118,28 @@ def launch(argv):
   with contextlib.redirect_stderr(stderr):
     status = infer.main(argv)
   return status, stderr.getvalue()
+
+
+def assert_refused(status, stderr, output_dir, *patterns):
+  """One short error line (under 200 characters besides the paths it names,
+  each shortened to at most 64) matching every pattern; no output written."""
+  assert status != 0
+  error_lines = [l for l in stderr.splitlines() if l.startswith('t5beam: error')]
+  assert len(error_lines) == 1, stderr
+  assert_short_refusal(error_lines[0])
+  for pattern in patterns:
+    assert re.search(pattern, error_lines[0]), error_lines[0]
+  written = os.listdir(output_dir) if os.path.exists(output_dir) else []
+  assert not [n for n in written if '.jsonl' in n or 'manifest' in n], written
+
+
+def assert_short_refusal(line: str):
+  """A launcher refusal's standard: under 200 characters besides the paths
+  it names, each path at most 64 characters (shortened in its middle)."""
+  path = r"[\w.~:-]*/[^\s'\",;()]+"
+  message = line[len('t5beam: error: '):]
+  assert all(len(p) <= 64 for p in re.findall(path, message)), message
+  assert len(re.sub(path, '', message)) < 200, message
 
 
 def race_for_lock(output_dir: str, contenders: int, tag: str):

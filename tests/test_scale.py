@@ -179,6 +179,7 @@ def test_a_resume_over_changed_input_is_refused_naming_the_file(
   errors = [l for l in stderr.splitlines() if l.startswith('t5beam: error')]
   assert status != 0 and len(errors) == 1, stderr
   assert 'part-1.jsonl' in errors[0] and 'changed' in errors[0], errors[0]
+  helpers.assert_short_refusal(errors[0])
   assert sorted(os.listdir(chunk_dir)) == finished
   (inputs / 'part-1.jsonl').write_bytes(original)
   os.utime(inputs / 'part-1.jsonl', ns=(stat.st_atime_ns, stat.st_mtime_ns))
