@@ -33,11 +33,10 @@ from model.config import T5Config
 Params = Dict[str, Any]
 
 CONFIG_FILE = 't5_config.json'
-FORMATS_LOOKED_FOR = (
-    "Hugging Face 'config.json' with 'model.safetensors' or "
-    "'model.safetensors.index.json', an Orbax checkpoint ('_METADATA'), a "
-    "T5X checkpoint directory (msgpack 'checkpoint' file), or a TensorFlow / "
-    "Mesh TensorFlow checkpoint (PATH.index, or a 'checkpoint' state file)")
+# The formats read, in a refusal's words (the README lists the files each
+# format is recognised by).
+FORMATS_LOOKED_FOR = 'Hugging Face safetensors, Orbax, T5X or TensorFlow'
+
 
 
 class CheckpointError(ValueError):
@@ -102,8 +101,8 @@ def detect_format(path: str) -> str:
     return 'tensorflow'
   if not files.exists(path):
     raise CheckpointError(
-        f'CHECKPOINT_PATH {path!r} not found: nothing exists at that path; '
-        f'point it at a checkpoint directory ({FORMATS_LOOKED_FOR})')
+        f'CHECKPOINT_PATH {path!r} not found: point it at a checkpoint '
+        f'({FORMATS_LOOKED_FOR})')
   if files.exists(files.join(path, 'config.json')):
     if (files.exists(files.join(path, 'model.safetensors')) or
         files.exists(files.join(path, 'model.safetensors.index.json'))):
@@ -124,8 +123,8 @@ def detect_format(path: str) -> str:
   if files.exists(files.join(path, 'checkpoint')) and _latest_tensorflow(path):
     return 'tensorflow'
   raise CheckpointError(
-      f'CHECKPOINT_PATH {path!r} holds no recognised checkpoint: looked for '
-      f'{FORMATS_LOOKED_FOR}')
+      f'CHECKPOINT_PATH {path!r} holds no checkpoint t5beam reads '
+      f'({FORMATS_LOOKED_FOR}; the README lists their files)')
 
 
 def read_config(path: str) -> Optional[T5Config]:

@@ -188,9 +188,8 @@ def acquire(output_dir: str, owner: str,
         not _process_is_gone(holder)):
       raise LockHeldError(
           f'INFER_OUTPUT_DIR {output_dir!r} is in use by another live '
-          f'{_describe(holder, now)}; wait for it to finish (its lock '
-          f'expires {holder.expiry_seconds:.0f} s after its last heartbeat), '
-          'or use another output directory')
+          f'{_describe(holder, now)}: wait for it, or use another '
+          'directory')
     generation = holder.generation + 1 if holder else 1
     path = _lock_path(output_dir, generation)
     try:

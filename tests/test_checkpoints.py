@@ -119,9 +119,9 @@ def test_missing_path_names_it_and_the_formats(tmp_path):
 
 def test_directory_without_checkpoint_is_refused(tmp_path):
   (tmp_path / 'notes.txt').write_text('hello')
-  with pytest.raises(CheckpointError, match='no recognised checkpoint') as e:
+  with pytest.raises(CheckpointError, match='holds no checkpoint') as e:
     checkpoints.load_checkpoint(str(tmp_path))
-  assert 'Orbax' in str(e.value) and 'config.json' in str(e.value)
+  assert 'Orbax' in str(e.value) and 'README' in str(e.value)
 
 
 def test_pytorch_bin_is_refused_not_unpickled(reference_model, tmp_path):

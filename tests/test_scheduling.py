@@ -98,6 +98,7 @@ def test_bad_placeholders_are_refused(env, tmp_path, output, message):
   assert status == 2
   (line,) = [l for l in stderr.splitlines() if l.startswith('t5beam: error')]
   assert re.search(message, line), line
+  helpers.assert_short_refusal(line)
   assert not os.path.exists(tmp_path / 'out')
 
 
@@ -124,6 +125,7 @@ def test_a_live_run_is_refused_and_a_stale_lock_is_taken_over(env, tmp_path):
   (line,) = [l for l in stderr.splitlines() if l.startswith('t5beam: error')]
   assert 'in use by another live run worker-7:123:abc (the nightly run)' in (
       line)
+  helpers.assert_short_refusal(line)
   assert lock_files(output) == ['t5beam-run.lock-00000001']
   assert not [n for n in os.listdir(output) if '.jsonl' in n]
 
