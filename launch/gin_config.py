@@ -220,10 +220,9 @@ def infer(*,  # pylint: disable=invalid-name
   if gin_model.decoding is not None:
     if (decode_fn, num_decodes, return_all_decodes) != (None, None, None):
       raise ValueError(
-          'a T5X-form model configures its decoding on models.'
-          'EncoderDecoderModel (decode_fn; predict_batch_with_aux.'
-          'num_decodes, return_all_decodes): unset infer.decode_fn, '
-          'infer.num_decodes and infer.return_all_decodes')
+          'a T5X-form model sets its decoding on models.EncoderDecoderModel:'
+          ' unset infer.decode_fn, infer.num_decodes and '
+          'infer.return_all_decodes')
     decoding = DecodingConfig(**gin_model.decoding)
   else:
     settings = decode_fn() if decode_fn is not None else {}
@@ -369,9 +368,8 @@ def standard_logical_axis_rules(activation_partitioning_dims: int = 1,
   if activation_partitioning_dims != 1 or parameter_partitioning_dims != 1:
     raise ValueError(
         'partitioning.standard_logical_axis_rules: only 1-D partitioning '
-        '(activation_partitioning_dims = parameter_partitioning_dims = 1) is '
-        'supported; write the 2-D rules out in PjitPartitioner.'
-        'logical_axis_rules')
+        '(both *_partitioning_dims = 1) is supported; write 2-D rules in '
+        'PjitPartitioner.logical_axis_rules')
   return partitioning_lib.STANDARD_RULES + tuple(
       tuple(rule) for rule in (additional_rules or ()))
 

@@ -85,9 +85,9 @@ def latest_checkpoint(directory: str) -> str:
         steps.append((int(match.group(1)), name))
   if not steps:
     raise CheckpointError(
-        f'CHECKPOINT_PATH {directory!r} holds no checkpoint_<step> or <step> '
-        "directories, so restore mode 'latest' finds nothing; point it at a "
-        "training directory, or use mode 'specific' with a checkpoint path")
+        f'CHECKPOINT_PATH {directory!r} has no checkpoint_<step> or <step> '
+        "directory for mode 'latest': point it at a training directory, or "
+        "use mode 'specific'")
   return files.join(directory, max(steps)[1])
 
 
@@ -570,10 +570,9 @@ def _huggingface_tensors(config: T5Config, tensors, source: str
     if shared is not None and not np.array_equal(tensors['lm_head.weight'],
                                                  tensors[shared]):
       raise CheckpointError(
-          f'Hugging Face checkpoint {source!r} scales decoder outputs (a T5 '
-          '1.0 model) but its lm_head.weight differs from shared.weight; set '
-          '"tie_word_embeddings": false in config.json if the model has a '
-          'separate output layer')
+          f'Hugging Face checkpoint {source!r}: lm_head.weight differs from '
+          'shared.weight in a tied (T5 1.0) model; set "tie_word_embeddings"'
+          ': false in config.json if it has its own output layer')
   names = []
   for ours, theirs, transpose in _huggingface_names(config):
     stored = resolve(theirs)

@@ -211,9 +211,9 @@ def expand_output_dir(output_dir: str, checkpoint_path: str,
       if step is None:
         raise PlanError(
             f'INFER_OUTPUT_DIR {output_dir!r} uses {{checkpoint_step}} but '
-            f'CHECKPOINT_PATH {checkpoint_path!r} names no step (expected '
-            '.../checkpoint_<step>, an Orbax .../<step> directory or a '
-            'TensorFlow model.ckpt-<step>); remove the placeholder')
+            f'CHECKPOINT_PATH {checkpoint_path!r} names no step '
+            '(checkpoint_<step>, <step>, model.ckpt-<step>); remove the '
+            'placeholder')
       return str(step)
     raise PlanError(
         f'INFER_OUTPUT_DIR {output_dir!r} has an unknown placeholder '
@@ -272,10 +272,8 @@ def claim_output_dir(run_plan: RunPlan) -> Dict:
         if changed and not config.overwrite:
           raise PlanError(
               f'INFER_OUTPUT_DIR {config.output_dir!r} holds a run over '
-              f'other input: {changed}; a resume must read the input its '
-              'finished chunks were read from. Restore that input, use a '
-              'new output directory, or set infer.overwrite=True to start '
-              'over')
+              f'other input: {changed}; restore that input, use a new '
+              'directory, or set infer.overwrite=True')
       if not config.overwrite:
         raise PlanError(
             f'INFER_OUTPUT_DIR {config.output_dir!r} holds {what}; use a new '
@@ -302,8 +300,9 @@ def _changed_input(old: Dict[str, Dict[str, str]],
       if before[path] != after[path]:
         old_size, old_version = before[path].split(':', 1)
         new_size, new_version = after[path].split(':', 1)
-        return (f'{path} (task {task}) changed (size {old_size} -> '
-                f'{new_size}, version {old_version} -> {new_version})')
+        what = (f'size {old_size} -> {new_size}' if old_size != new_size
+                else f'version {old_version} -> {new_version}')
+        return f'{path} (task {task}) changed ({what})'
   return None
 
 

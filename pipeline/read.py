@@ -138,9 +138,8 @@ def _padded(task_name: str, feature: str, tokens: np.ndarray,
     longest = int(np.max(np.sum(tokens != 0, axis=1)))
     raise ValueError(
         f'task {task_name!r}: an example\'s {feature!r} has {longest} '
-        f'tokens, more than TASK_FEATURE_LENGTHS[{feature!r}] = {length}; '
-        'raise that length, or trim in the task (for example with '
-        'seqio.preprocessors.append_eos_after_trim)')
+        f'tokens, over TASK_FEATURE_LENGTHS[{feature!r}] = {length}; raise '
+        'it, or trim in the task (seqio.preprocessors.append_eos_after_trim)')
   out = np.zeros((tokens.shape[0], length), np.int32)
   width = min(length, tokens.shape[1])
   out[:, :width] = tokens[:, :width]

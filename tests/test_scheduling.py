@@ -109,7 +109,9 @@ def test_latest_without_checkpoints_is_refused(env, tmp_path):
   status, stderr = helpers.launch(
       [f'--gin_file={config}', f'--gin.INFER_OUTPUT_DIR="{tmp_path}/out"'])
   assert status == 2
-  assert "restore mode 'latest' finds nothing" in stderr
+  (line,) = [l for l in stderr.splitlines() if l.startswith('t5beam: error')]
+  assert "no checkpoint_<step> or <step> directory for mode 'latest'" in line
+  helpers.assert_short_refusal(line)
 
 
 def test_a_live_run_is_refused_and_a_stale_lock_is_taken_over(env, tmp_path):

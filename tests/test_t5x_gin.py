@@ -487,3 +487,24 @@ def test_t5x_names_are_provided_only_while_the_launcher_runs():
   finally:
     del sys.modules['t5x']
     del main.infer
+
+
+def test_task_modules_a_gin_file_imports_reach_the_workers(env, tree,
+                                                           checkpoints,
+                                                           tmp_path):
+  """T5X's files register tasks by importing their module in Gin (`from
+  t5.data import mixtures`) rather than by MIXTURE_OR_TASK_MODULE: the run
+  plan carries the module, so every worker imports it too."""
+  from launch import infer, t5x_names  # pylint: disable=g-import-not-at-top
+  checkpoint, task, vocab_size = checkpoints['byt5']
+  gin_file = t5x_user_gin(tmp_path, 'byt5', checkpoint, task, vocab_size)
+  text = open(gin_file).read().replace(
+      "MIXTURE_OR_TASK_MODULE = 'tests.tasks'\n", '').replace(
+          'import seqio\n', 'import seqio\nfrom tests import tasks\n')
+  open(gin_file, 'w').write(text)
+  with t5x_names.provided():
+    run_plan, _ = infer.prepare([f'--gin_file={gin_file}',
+                                 f'--gin.INFER_OUTPUT_DIR="{tmp_path}/o"',
+                                 f'--gin_search_paths={tree}'])
+  assert run_plan.config.task_modules == ('tests.tasks',)
+  assert run_plan.config.mixture_or_task_module is None
