@@ -404,19 +404,29 @@ TASK_FEATURE_LENGTHS = {{'inputs': 38, 'targets': 18}}
   assert 'network.T5Config.mlp_dim = 1024' in config_gin
 
 
-def test_unknown_t5config_parameter_names_the_line_and_closest_name(
-    env, tree, checkpoints, tmp_path):
+@pytest.mark.parametrize('line,patterns', [
+    # An unknown parameter: the file and line, and the closest name.
+    ('network.T5Config.num_decoder_layer = 2',
+     ("network.T5Config has no parameter 'num_decoder_layer'",
+      't5x_infer.gin:{line}', "did you mean 'num_decoder_layers'")),
+    # An unknown configurable on a T5X module.
+    ('models.EncoderDecoderModle.z_loss = 0.0',
+     ("t5x.models has no 'EncoderDecoderModle'", 't5x_infer.gin:{line}',
+      "did you mean 'EncoderDecoderModel'")),
+    # T5X's split of one run into jobs: Beam splits it across workers.
+    ('infer_script.infer.num_shards = 4',
+     (r'infer.num_shards = 4 \(shard_id 0\)', 'set infer.num_shards = 1')),
+])
+def test_t5x_form_refusals_name_the_line_and_the_fix(
+    env, tree, checkpoints, tmp_path, line, patterns):
   checkpoint, task, vocab_size = checkpoints['byt5']
   gin_file = t5x_user_gin(tmp_path, 'byt5', checkpoint, task, vocab_size,
-                          'network.T5Config.num_decoder_layer = 2')
-  line = open(gin_file).read().splitlines().index(
-      'network.T5Config.num_decoder_layer = 2') + 1
+                          line)
+  number = open(gin_file).read().splitlines().index(line) + 1
   helpers.assert_refused(*helpers.launch([
       f'--gin_file={gin_file}', f'--gin.INFER_OUTPUT_DIR="{tmp_path}/o"',
       f'--gin_search_paths={tree}']), tmp_path / 'o',
-                         "network.T5Config has no parameter "
-                         "'num_decoder_layer'", f't5x_infer.gin:{line}',
-                         "did you mean 'num_decoder_layers'")
+                         *[p.format(line=number) for p in patterns])
 
 
 def test_dropout_rate_stays_required(env, tree, checkpoints, tmp_path):
