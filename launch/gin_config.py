@@ -193,6 +193,7 @@ def infer(*,  # pylint: disable=invalid-name
           wait_until_finish: bool = True,
           skip_memory_check: bool = False,
           compilation_cache_dir: Optional[str] = None,
+          metrics_tensorboard_dir: Optional[str] = None,
           # T5X's infer() parameters (t5x/configs/runs/infer.gin binds some).
           shard_id: int = 0,
           num_shards: int = 1,
@@ -270,6 +271,7 @@ def infer(*,  # pylint: disable=invalid-name
                                if input_fields_to_include is not None
                                else None),
       overwrite=overwrite,
+      metrics_tensorboard_dir=metrics_tensorboard_dir,
       file_task=file_task,
       lock_expiry_seconds=lock_expiry_seconds,
       lock_startup_seconds=lock_startup_seconds,

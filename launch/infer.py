@@ -472,6 +472,12 @@ def _main(argv: Sequence[str]) -> int:
   else:
     print(progress.summary(config, result, time.time() - started),
           file=sys.stderr)
+  failed = [m['metrics_error'] for m in result.manifests.values()
+            if 'metrics_error' in m]
+  if failed:
+    print(f't5beam: error: {one_line(failed[0])}; the outputs are complete: '
+          'fix it and rerun to compute the metrics', file=sys.stderr)
+    return 1
   return 0
 
 

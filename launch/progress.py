@@ -99,10 +99,17 @@ def _duration(seconds: float) -> str:
 
 
 def summary(config: InferConfig, result, wall_seconds: float) -> str:
-  """The end-of-run summary: examples, time, throughput, files, accuracy."""
+  """The end-of-run summary: examples, time, throughput, files, metrics."""
   if result.status == 'already_complete':
     return (f't5beam: {config.output_dir} already holds this run\'s complete '
             'output; nothing to do.')
+  if result.status == 'metrics':
+    lines = [f't5beam: {config.output_dir} holds this run\'s complete output;'
+             f' computed its metrics in {wall_seconds:.1f} s']
+    for task, manifest in sorted(result.manifests.items()):
+      lines.append(f'  {task}: {manifest["records"]} examples')
+      lines.extend(_metrics_lines(manifest))
+    return '\n'.join(lines)
   lines = [f't5beam: done in {_duration(wall_seconds)} '
            f'({wall_seconds:.1f} s)']
   for task, manifest in sorted(result.manifests.items()):
@@ -115,12 +122,18 @@ def summary(config: InferConfig, result, wall_seconds: float) -> str:
         f'{this_run["inference_seconds"]:.1f} s of model time'
         + (f' ({rate:.1f} examples/s, {tokens:.0f} tokens/s)'
            if rate else ''))
-    exact = manifest.get('exact_match', {})
-    if exact.get('of'):
-      lines.append(f'    exact match with targets: '
-                   f'{exact["matches"] / exact["of"]:.1%} '
-                   f'({exact["matches"]}/{exact["of"]})')
+    lines.extend(_metrics_lines(manifest))
     for output in manifest['files']:
       lines.append(f'    {files.join(config.output_dir, output["name"])} '
                    f'({output["records"]} records)')
   return '\n'.join(lines)
+
+
+def _metrics_lines(manifest) -> List[str]:
+  """The task's metrics (numbers; other values are in the metrics file)."""
+  metrics = manifest.get('metrics')
+  if not metrics:
+    return []
+  shown = ', '.join(f'{name} {value:.4g}' for name, value in
+                    sorted(metrics.items()) if isinstance(value, float))
+  return [f'    metrics: {shown or "(none numeric)"}']

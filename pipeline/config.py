@@ -51,6 +51,9 @@ class InferConfig:
   input_fields_to_include: Optional[Tuple[str, ...]] = None
   # Replace whatever a different run left in output_dir.
   overwrite: bool = False
+  # Where the tasks' metrics also go as TensorBoard scalars (a folder per
+  # task, at the checkpoint's step); None: only the metrics files.
+  metrics_tensorboard_dir: Optional[str] = None
   # Plain input files instead of a registered task (pipeline.file_tasks);
   # mixture_or_task_name is then the task registered from it.
   file_task: Optional[Any] = None

@@ -5,7 +5,8 @@ final files:
     SpreadChunks ->
     InferChunks (pipeline.infer_chunks, writes chunk files) ->
     [with the shard counts] PlanMerge -> MergeOutputShards -> WriteManifest
-    (pipeline.merge) [-> ReleaseLock]
+    (pipeline.merge) -> Evaluate (pipeline.evaluate: the tasks' metrics)
+    [-> ReleaseLock]
 
 Each step's name is what the Dataflow UI shows. Every file is written
 atomically and every step is idempotent, so Beam's retries and reruns of the
@@ -18,7 +19,7 @@ from typing import Optional, Sequence
 
 import apache_beam as beam
 
-from pipeline import lock, merge, plan
+from pipeline import evaluate, lock, merge, plan
 from pipeline.infer_chunks import InferChunk
 from pipeline.read import SHARD_COUNTS, ReadShard
 
@@ -63,7 +64,8 @@ class InferAndWrite(beam.PTransform):
                  | 'WaitForAllOutputShards' >> beam.CoGroupByKey()
                  | 'WriteManifest' >> beam.ParDo(merge.WriteManifest(
                      config, self._run_plan.fingerprint,
-                     self._run_plan.settings, self._started_at)))
+                     self._run_plan.settings, self._started_at))
+                 | 'Evaluate' >> beam.ParDo(evaluate.EvaluateTask(config)))
     if self._lock_ref is None or not self._lock_ref.release_at_end:
       return manifests
     return (manifests

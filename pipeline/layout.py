@@ -131,6 +131,10 @@ class TaskLayout:
   def manifest_path(self) -> str:
     return files.join(self.output_dir, f'{self.stem}.manifest.json')
 
+  @property
+  def metrics_path(self) -> str:
+    return files.join(self.output_dir, f'{self.stem}.metrics.json')
+
 
 def owned_by_task(name: str, task: str, mode: str) -> bool:
   """Whether `name` in an output directory is one of the files of `task`'s

@@ -6,14 +6,14 @@ manifest and the .COMPLETED markers are written, last.
 import dataclasses
 import hashlib
 import itertools
-import json
 import logging
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import apache_beam as beam
 
 from model import files
+from pipeline import evaluate
 from pipeline.config import InferConfig
 
 
@@ -33,10 +33,6 @@ class OutputFile:
   records: int
   bytes: int
   sha256: str
-  # Records whose prediction equals their targets_pretokenized, of those
-  # that have one (a quick check of a run; not a SeqIO metric).
-  exact_matches: int = 0
-  with_targets: int = 0
 
 
 class PlanMerge(beam.DoFn):
@@ -134,7 +130,7 @@ class MergeOutputShard(beam.DoFn):
     task_name, job = element
     task_layout = self._config.layout(task_name)
     digest = hashlib.sha256()
-    records = size = matches = with_targets = 0
+    records = size = 0
     buffer, buffered = [], 0
     with files.atomic_writer(task_layout.output_path(
         job.index, job.num_files)) as out:
@@ -154,10 +150,6 @@ class MergeOutputShard(beam.DoFn):
           if not line.endswith(b'\n'):
             break  # a chunk file is written whole; this one is not
           taken += 1
-          matched = _exact_match(line)
-          if matched is not None:
-            with_targets += 1
-            matches += matched
           buffer.append(line)
           buffered += len(line)
           if buffered >= self._buffer_bytes:
@@ -170,20 +162,7 @@ class MergeOutputShard(beam.DoFn):
     yield task_name, OutputFile(job.index,
                                 task_layout.output_name(job.index,
                                                         job.num_files),
-                                records, size, digest.hexdigest(),
-                                matches, with_targets)
-
-
-def _exact_match(line: bytes) -> Optional[bool]:
-  """Whether a record's prediction equals its targets_pretokenized; None
-  for a record without both (only those are parsed)."""
-  if b'"targets_pretokenized": ' not in line or b'"prediction": ' not in line:
-    return None
-  record = json.loads(line)
-  target = record.get('inputs', {}).get('targets_pretokenized')
-  if not isinstance(target, str) or 'prediction' not in record:
-    return None
-  return record['prediction'] == target
+                                records, size, digest.hexdigest())
 
 
 class WriteManifest(beam.DoFn):
@@ -212,10 +191,6 @@ class WriteManifest(beam.DoFn):
         'records': summary['examples'],
         'num_output_shards': len(outputs),
         'files': [dataclasses.asdict(o) for o in outputs],
-        'exact_match': {
-            'matches': sum(o.exact_matches for o in outputs),
-            'of': sum(o.with_targets for o in outputs),
-        },
         'input_shards': summary['input_shards'],
         'chunks': summary['chunks'],
         'this_run': {
@@ -235,9 +210,8 @@ class WriteManifest(beam.DoFn):
             'wall_seconds': round(time.time() - self._started_at, 3),
         },
     }
-    files.write_atomically(
-        task_layout.manifest_path,
-        json.dumps(manifest, indent=2, sort_keys=True).encode('utf-8'))
+    files.write_atomically(task_layout.manifest_path,
+                           evaluate.manifest_json(manifest))
     for output in outputs:
       files.write_atomically(
           task_layout.marker_path(output.index, len(outputs)), b'')

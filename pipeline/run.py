@@ -23,7 +23,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.options.pipeline_options import TestOptions
 
 from model import files
-from pipeline import lock, plan
+from pipeline import evaluate, lock, plan
 from pipeline.config import InferConfig
 from pipeline.infer_and_write import InferAndWrite
 from pipeline.inference import NAMESPACE
@@ -31,8 +31,10 @@ from pipeline.inference import NAMESPACE
 
 @dataclasses.dataclass
 class RunResult:
-  """What a run did. `status`: 'completed', 'already_complete', 'submitted'
-  (the job runs on without the launcher) or 'dry_run' (built, not run)."""
+  """What a run did. `status`: 'completed', 'already_complete', 'metrics'
+  (the outputs were complete; only their metrics were computed, in
+  `manifests`), 'submitted' (the job runs on without the launcher) or
+  'dry_run' (built, not run)."""
   status: str
   tasks: List[str]
   counters: Dict[str, int] = dataclasses.field(default_factory=dict)
@@ -77,7 +79,7 @@ def run_inference(run: Union[InferConfig, plan.RunPlan],
   if options.view_as(TestOptions).dry_run:
     return _dry_run(run_plan, options, started_at)
   if all(plan.is_task_complete(run_plan.layout(name), run_plan.fingerprint)
-         for name in task_names):
+         for name in task_names) and not _metrics_pending(run_plan):
     logging.info('t5beam: every output in %s is already complete; nothing '
                  'to do', config.output_dir)
     return RunResult('already_complete', task_names,
@@ -99,9 +101,12 @@ def run_inference(run: Union[InferConfig, plan.RunPlan],
     plan.claim_output_dir(run_plan)
     if on_claimed is not None:
       on_claimed(config)
+    evaluated = {name: evaluate.finish(config, name, manifest)
+                 for name, manifest in _metrics_pending(run_plan).items()}
     pending = plan.pending_tasks(run_plan)
     if not pending:
-      return RunResult('already_complete', task_names,
+      return RunResult('metrics' if evaluated else 'already_complete',
+                       task_names, manifests=evaluated,
                        wall_seconds=time.time() - started_at)
     pipeline = beam.Pipeline(options=options)
     _ = pipeline | 'T5Inference' >> InferAndWrite(run_plan, pending,
@@ -130,6 +135,19 @@ def run_inference(run: Union[InferConfig, plan.RunPlan],
                for name in task_names}
   return RunResult('completed', task_names, counters, manifests,
                    time.time() - started_at, beam_result)
+
+
+def _metrics_pending(run_plan: plan.RunPlan) -> Dict[str, dict]:
+  """task -> manifest of each complete output whose metrics are still to
+  compute (an earlier run's metric failed, or was stopped before them)."""
+  found = {}
+  for name in run_plan.task_names:
+    layout = run_plan.layout(name)
+    if plan.is_task_complete(layout, run_plan.fingerprint):
+      manifest = files.read_json(layout.manifest_path)
+      if evaluate.metrics_pending(manifest):
+        found[name] = manifest
+  return found
 
 
 def _dry_run(run_plan: plan.RunPlan, options: PipelineOptions,

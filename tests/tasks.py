@@ -72,3 +72,68 @@ if 't5beam_test_token_ids' not in seqio.TaskRegistry.names():
           name: seqio.Feature(TOKEN_ID_VOCABULARY, add_eos=True,
                               dtype=tf.int32)
           for name in ('inputs', 'targets')})
+
+
+# Tasks with SeqIO metrics (tests/test_metrics.py): a postprocess_fn that
+# uses the example, predict metric functions (one of them reading what the
+# postprocess took from the example, one giving Text) and a score metric.
+def _length_class(output, example=None, is_target=False):
+  """A prediction or target as its length class, with the example's input
+  length (so a metric can use the example)."""
+  del is_target
+  text = output.decode() if isinstance(output, bytes) else output
+  return {'class': 'long' if len(text.strip()) > 2 else 'short',
+          'input_length': int(len(example['inputs']))}
+
+
+def class_accuracy(targets, predictions):
+  right = [t['class'] == p['class'] for t, p in zip(targets, predictions)]
+  return {'class_accuracy': seqio.metrics.Scalar(100.0 * sum(right) /
+                                                 len(right))}
+
+
+def input_weighted_accuracy(targets, predictions):
+  weights = [t['input_length'] for t in targets]
+  right = [w * (t['class'] == p['class'])
+           for w, t, p in zip(weights, targets, predictions)]
+  return {'input_weighted_accuracy': sum(right) / sum(weights),
+          'first_prediction': seqio.metrics.Text(str(predictions[0]))}
+
+
+def mean_score(targets, scores):
+  return {'mean_score': float(sum(scores)) / len(targets)}
+
+
+def broken_unless_allowed(targets, predictions):
+  """Raises unless T5BEAM_TEST_METRIC_OK is set (a metric that fails)."""
+  if not os.environ.get('T5BEAM_TEST_METRIC_OK'):
+    raise ValueError('this metric was told to fail')
+  return class_accuracy(targets, predictions)
+
+
+def _register_with_metrics(name, pattern, metric_fns):
+  if name in seqio.TaskRegistry.names():
+    return
+  seqio.TaskRegistry.add(
+      name,
+      source=seqio.TextLineDataSource(
+          {'test': os.path.join(DATA_DIR, pattern)}),
+      preprocessors=[parse_tsv, seqio.preprocessors.tokenize,
+                     seqio.preprocessors.append_eos_after_trim],
+      output_features={
+          'inputs': seqio.Feature(VOCABULARY, add_eos=True),
+          'targets': seqio.Feature(VOCABULARY, add_eos=True)},
+      postprocess_fn=_length_class,
+      metric_fns=metric_fns)
+
+
+_METRICS = [class_accuracy, input_weighted_accuracy, mean_score]
+_register_with_metrics('t5beam_test_metrics_two_files', 'two-*.tsv', _METRICS)
+_register_with_metrics('t5beam_test_metrics_one_file', 'one.tsv', _METRICS)
+_register_with_metrics('t5beam_test_metrics_broken', 'one.tsv',
+                       [broken_unless_allowed])
+if 't5beam_test_metrics_mixture' not in seqio.MixtureRegistry.names():
+  seqio.MixtureRegistry.add('t5beam_test_metrics_mixture',
+                            ['t5beam_test_metrics_two_files',
+                             't5beam_test_metrics_one_file'],
+                            default_rate=1.0)

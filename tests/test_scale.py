@@ -65,13 +65,6 @@ def test_the_merge_streams_an_output_much_larger_than_its_buffer(tmp_path):
     assert data == ''.join(lines).encode()
     assert output.records == len(lines) and output.bytes == len(data)
     assert output.sha256 == hashlib.sha256(data).hexdigest()
-    with_targets = [json.loads(l) for l in lines]
-    with_targets = [r for r in with_targets
-                    if 'targets_pretokenized' in r['inputs']]
-    assert output.with_targets == len(with_targets) == 12_000
-    assert output.exact_matches == sum(
-        r['prediction'] == r['inputs']['targets_pretokenized']
-        for r in with_targets)
     written += data
   assert not [n for n in os.listdir(tmp_path) if n.startswith('.inprogress')]
 

@@ -16,6 +16,13 @@ DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 VOCABULARY = seqio.ByteVocabulary()
 
 
+def exact_match(targets, predictions):
+  """The percentage of predictions equal to their targets (a SeqIO metric
+  function: the run computes it over its outputs)."""
+  matches = sum(t == p for t, p in zip(targets, predictions))
+  return {'exact_match': 100.0 * matches / max(1, len(targets))}
+
+
 @seqio.map_over_dataset
 def parse_tsv(line):
   inputs, targets = tf.io.decode_csv(line, record_defaults=['', ''],
@@ -34,4 +41,5 @@ if TASK_NAME not in seqio.TaskRegistry.names():
       output_features={
           'inputs': seqio.Feature(VOCABULARY, add_eos=True),
           'targets': seqio.Feature(VOCABULARY, add_eos=True),
-      })
+      },
+      metric_fns=[exact_match])
