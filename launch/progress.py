@@ -123,10 +123,28 @@ def summary(config: InferConfig, result, wall_seconds: float) -> str:
         + (f' ({rate:.1f} examples/s, {tokens:.0f} tokens/s)'
            if rate else ''))
     lines.extend(_metrics_lines(manifest))
+    lines.extend(_truncation_lines(manifest))
     for output in manifest['files']:
       lines.append(f'    {files.join(config.output_dir, output["name"])} '
                    f'({output["records"]} records)')
   return '\n'.join(lines)
+
+
+def _truncation_lines(manifest) -> List[str]:
+  """A warning per feature whose examples were cut to their length."""
+  lines = []
+  for feature, cut in sorted(manifest.get('truncated', {}).items()):
+    if cut['examples']:
+      lines.append(
+          f'    warning: {cut["examples"]} example(s) had {feature} longer '
+          f'than {cut["limit"]} tokens (the longest {cut["longest"]}) and '
+          f'were cut; raise TASK_FEATURE_LENGTHS[{feature!r}] to keep them')
+    if cut['unmeasured_at_limit']:
+      lines.append(
+          f'    note: {cut["unmeasured_at_limit"]} example(s) fill {feature}\'s'
+          f' {cut["limit"]} tokens and have no {feature}_pretokenized text '
+          'to tell whether they were cut')
+  return lines
 
 
 def _metrics_lines(manifest) -> List[str]:

@@ -128,12 +128,15 @@ def shard_texts(spec: FileTaskSpec, shard: int, num_shards: int):
 
 
 def tokenize(spec: FileTaskSpec, texts, length: int):
-  """Token ids of each text as the task's preprocessors make them
+  """(token ids of each text as the task's preprocessors make them
   (seqio.preprocessors.tokenize, then append_eos_after_trim): the
-  vocabulary's ids, cut to length - 1, then EOS."""
+  vocabulary's ids, cut to length - 1, then EOS; each text's length before
+  the cut, EOS counted)."""
   vocabulary = spec.vocabulary
   eos = vocabulary.eos_id
-  return [vocabulary.encode(text)[:length - 1] + [eos] for text in texts]
+  encoded = [vocabulary.encode(text) for text in texts]
+  return ([ids[:length - 1] + [eos] for ids in encoded],
+          [len(ids) + 1 for ids in encoded])
 
 
 def _read_file_fn(spec: FileTaskSpec):

@@ -13,7 +13,7 @@ from typing import Any, Dict, Tuple
 import apache_beam as beam
 
 from model import files
-from pipeline import evaluate
+from pipeline import evaluate, read
 from pipeline.config import InferConfig
 
 
@@ -52,7 +52,11 @@ class PlanMerge(beam.DoFn):
     task_name, grouped = element
     config = self._config
     task_layout = config.layout(task_name)
-    counts = dict(grouped['counts'])
+    shards = list(grouped['counts'])  # (shard, examples, truncation)
+    counts = {shard: examples for shard, examples, _ in shards}
+    truncation = read.Truncation()
+    for _, _, cut in shards:
+      truncation.merge(cut)
     num_shards = len(counts)
     if task_layout.num_output_shards is None:  # 'auto': sizes are needed
       finished = task_layout.chunk_file_sizes(num_shards)  # one listing
@@ -88,6 +92,12 @@ class PlanMerge(beam.DoFn):
         'decoded_tokens_this_run': sum(s.decoded_tokens for s in stats),
         'inference_seconds_this_run': sum(s.seconds for s in stats),
         'meshes_this_run': sorted({tuple(s.mesh) for s in stats}),
+        'truncated': {
+            feature: {'examples': cut, 'longest': longest,
+                      'limit': int(config.task_feature_lengths[feature]),
+                      'unmeasured_at_limit': unknown}
+            for feature, (cut, longest, unknown) in sorted(
+                truncation.items())},
     }))
 
 
@@ -193,6 +203,9 @@ class WriteManifest(beam.DoFn):
         'files': [dataclasses.asdict(o) for o in outputs],
         'input_shards': summary['input_shards'],
         'chunks': summary['chunks'],
+        # Per feature: examples longer than TASK_FEATURE_LENGTHS before
+        # SeqIO trimmed them, and the longest seen (EOS counted).
+        'truncated': summary['truncated'],
         'this_run': {
             'chunks_inferred': summary['chunks_inferred_this_run'],
             'examples_inferred': summary['examples_inferred_this_run'],

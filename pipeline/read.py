@@ -28,6 +28,47 @@ from pipeline.inference import NAMESPACE
 SHARD_COUNTS = 'shard_counts'
 
 
+class Truncation(dict):
+  """feature -> [examples cut, longest length seen, examples filling the
+  length whose text was not there to measure]: lengths before SeqIO trimmed
+  them to TASK_FEATURE_LENGTHS, EOS counted as SeqIO counts it. Trimming
+  inside a task's own preprocessors cannot be seen."""
+
+  def add_lengths(self, feature: str, lengths, limit: int):
+    """Untrimmed lengths (known for every example)."""
+    lengths = np.asarray(lengths, np.int64)
+    entry = self.setdefault(feature, [0, 0, 0])
+    entry[0] += int(np.count_nonzero(lengths > limit))
+    entry[1] = max(entry[1], int(lengths.max(initial=0)))
+
+  def add_trimmed(self, feature: str, tokens: np.ndarray, texts, limit: int,
+                  vocabulary, add_eos: bool):
+    """Trimmed token ids [examples, width] (0-padded): an example shorter
+    than the limit was not cut; one that fills it is measured again from
+    its `*_pretokenized` text (`texts`, None when the task has none)."""
+    lengths = np.count_nonzero(tokens, axis=1)
+    entry = self.setdefault(feature, [0, 0, 0])
+    longest = int(lengths.max(initial=0))
+    for row in np.flatnonzero(lengths >= limit):
+      if texts is None:
+        entry[2] += 1
+        continue
+      text = texts[row]
+      length = len(vocabulary.encode(
+          text.decode('utf-8') if isinstance(text, bytes) else text)) + add_eos
+      longest = max(longest, length)
+      entry[0] += length > limit
+    entry[1] = max(entry[1], longest)
+
+  def merge(self, other: Mapping[str, Sequence[int]]):
+    for feature, (cut, longest, unknown) in other.items():
+      entry = self.setdefault(feature, [0, 0, 0])
+      entry[0] += cut
+      entry[1] = max(entry[1], longest)
+      entry[2] += unknown
+    return self
+
+
 @dataclasses.dataclass
 class Chunk:
   """One chunk's examples: `inputs[i]` is the JSON of example `first + i`'s
@@ -155,24 +196,35 @@ def _stack_rows(rows: Sequence[Sequence[int]]) -> np.ndarray:
   return out
 
 
+def measured_features(config: InferConfig) -> Tuple[str, ...]:
+  """The features whose truncation is counted: the inputs, and in score
+  mode the targets (which predictions do not read)."""
+  return ('inputs', 'targets') if config.model.mode == 'score' else (
+      'inputs',)
+
+
 def read_chunks(config: InferConfig, task_name: str, shard: int,
-                num_shards: int, skip: Sequence[int] = ()
+                num_shards: int, skip: Sequence[int] = (),
+                truncation: Optional[Truncation] = None
                 ) -> Iterator[Tuple[int, int, Optional[Chunk]]]:
   """(chunk, examples in it, Chunk) for every chunk of one input shard, in
   order; the Chunk is None for chunks in `skip` (read, never converted).
+  `truncation` (if given) counts every example's cut features, skipped
+  chunks' too.
 
   Plain jsonl and TSV input files (infer.file_task) are read and tokenized
   in Python a chunk at a time; a registered SeqIO task (and TFRecord input
   files) through its tf.data pipeline. Both give the same chunks."""
+  truncation = Truncation() if truncation is None else truncation
   file_task = config.file_task
   if (file_task is not None and task_name == file_task.task_name and
       file_task.file_type in file_tasks.TEXT_FILE_TYPES):
-    return _file_chunks(config, shard, num_shards, skip)
-  return _task_chunks(config, task_name, shard, num_shards, skip)
+    return _file_chunks(config, shard, num_shards, skip, truncation)
+  return _task_chunks(config, task_name, shard, num_shards, skip, truncation)
 
 
 def _file_chunks(config: InferConfig, shard: int, num_shards: int,
-                 skip: Sequence[int]):
+                 skip: Sequence[int], truncation: Truncation):
   """read_chunks of plain input files, without tf.data: the same fields
   and token ids as the file task's SeqIO pipeline."""
   spec = config.file_task
@@ -180,19 +232,25 @@ def _file_chunks(config: InferConfig, shard: int, num_shards: int,
   keep = _keeps(config)
   size = config.chunk_size
   skip = frozenset(skip)
+  measured = measured_features(config)
   texts = file_tasks.shard_texts(spec, shard, num_shards)
   for chunk in itertools.count():
     rows = list(itertools.islice(texts, size))
     if not rows:
       return
+    inputs = [i for i, _ in rows]
+    targets = [t for _, t in rows]
+    tokens = {}
+    for feature, values in (('inputs', inputs), ('targets', targets)):
+      if chunk in skip and feature not in measured:
+        continue
+      tokens[feature], untrimmed = file_tasks.tokenize(spec, values,
+                                                       lengths[feature])
+      if feature in measured:
+        truncation.add_lengths(feature, untrimmed, lengths[feature])
     if chunk in skip:
       yield chunk, len(rows), None
       continue
-    inputs = [i for i, _ in rows]
-    targets = [t for _, t in rows]
-    tokens = {'inputs': file_tasks.tokenize(spec, inputs, lengths['inputs']),
-              'targets': file_tasks.tokenize(spec, targets,
-                                             lengths['targets'])}
     fields = {'inputs': tokens['inputs'], 'inputs_pretokenized': inputs,
               'targets': tokens['targets'], 'targets_pretokenized': targets}
     yield chunk, len(rows), make_chunk(
@@ -203,7 +261,8 @@ def _file_chunks(config: InferConfig, shard: int, num_shards: int,
 
 
 def _task_chunks(config: InferConfig, task_name: str, shard: int,
-                 num_shards: int, skip: Sequence[int]):
+                 num_shards: int, skip: Sequence[int],
+                 truncation: Truncation):
   """read_chunks of a SeqIO task: its dataset is read once (the record
   fields and the token ids come from the same example), batched a chunk at
   a time."""
@@ -224,8 +283,17 @@ def _task_chunks(config: InferConfig, task_name: str, shard: int,
   kept = sorted(k for k in spec if keep(k))
   size = config.chunk_size
   skip = frozenset(skip)
+  measured = measured_features(config)
+  texts = {f: f'{f}_pretokenized' for f in measured
+           if f'{f}_pretokenized' in spec}
 
   def chunk_of(chunk, columns, inputs, targets):
+    for feature, tokens in (('inputs', inputs), ('targets', targets)):
+      if feature in measured:
+        output = task.output_features[feature]
+        truncation.add_trimmed(
+            feature, tokens, columns[texts[feature]] if feature in texts
+            else None, lengths[feature], output.vocabulary, output.add_eos)
     if chunk in skip:
       return None
     return make_chunk(task_name, chunk * size,
@@ -235,7 +303,7 @@ def _task_chunks(config: InferConfig, task_name: str, shard: int,
 
   if all(spec[k].shape.is_fully_defined() for k in kept):
     # One tf.data batch per chunk; token ids padded to the chunk's longest.
-    needed = sorted(set(kept) | {'inputs', 'targets'})
+    needed = sorted(set(kept) | {'inputs', 'targets'} | set(texts.values()))
     batches = (task_ds.map(lambda ex: {k: ex[k] for k in needed})
                .padded_batch(size).prefetch(1).as_numpy_iterator())
     for chunk, columns in enumerate(batches):
@@ -284,8 +352,9 @@ class ReadShard(beam.DoFn):
     finished = self._finished.get(task_name, frozenset())
     skip = [chunk for s, chunk in finished if s == shard]
     count = skipped = 0
+    truncation = Truncation()
     for chunk, examples, data in read_chunks(self._config, task_name, shard,
-                                             num_shards, skip):
+                                             num_shards, skip, truncation):
       count += examples
       if data is None:
         skipped += 1
@@ -296,4 +365,5 @@ class ReadShard(beam.DoFn):
     files.write_atomically(
         self._config.layout(task_name).count_path(shard, num_shards),
         json.dumps({'examples': count}).encode())
-    yield beam.pvalue.TaggedOutput(SHARD_COUNTS, (task_name, (shard, count)))
+    yield beam.pvalue.TaggedOutput(SHARD_COUNTS, (task_name, (
+        shard, count, dict(truncation))))

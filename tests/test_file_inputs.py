@@ -150,9 +150,14 @@ def test_plain_files_are_chunked_as_their_seqio_task_reads_them(
   plan.prepare_tasks(config)
   chunks = 0
   for shard in range(2):
-    fast = list(read.read_chunks(config, spec.task_name, shard, 2, skip=[1]))
+    # Truncation: counted from the untrimmed ids (fast) and from the
+    # trimmed ids and the *_pretokenized texts (SeqIO's path): the same.
+    fast_cut, slow_cut = read.Truncation(), read.Truncation()
+    fast = list(read.read_chunks(config, spec.task_name, shard, 2, skip=[1],
+                                 truncation=fast_cut))
     slow = list(read._task_chunks(  # pylint: disable=protected-access
-        config, spec.task_name, shard, 2, [1]))
+        config, spec.task_name, shard, 2, [1], slow_cut))
+    assert fast_cut == slow_cut and fast_cut['inputs'][0] > 0, fast_cut
     assert [(c, n) for c, n, _ in fast] == [(c, n) for c, n, _ in slow]
     for (chunk, _, a), (_, _, b) in zip(fast, slow):
       assert (a is None) == (b is None) == (chunk == 1)

@@ -404,3 +404,33 @@ def test_json_conversions_follow_t5x():
   assert _json_value(np.float32(0.5)) == 0.5
   assert _json_value(np.array([1, 2], np.int32)) == [1, 2]
   assert _json_value(np.array([b'a', b'b'])) == ['a', 'b']
+
+
+def test_inputs_longer_than_their_length_are_counted(env, reference_run,
+                                                     tmp_path):
+  """The two-file task's inputs (UTF-8 bytes + EOS) against a length of 16:
+  the manifest counts those cut and the longest, and the summary warns; at
+  24 none is cut."""
+  from launch import progress  # pylint: disable=g-import-not-at-top
+  data = os.environ['T5BEAM_TEST_DATA']
+  lengths = []
+  for name in ('two-00000.tsv', 'two-00001.tsv'):
+    with open(os.path.join(data, name), encoding='utf-8') as f:
+      lengths += [len(line.split('\t')[0].encode()) + 1 for line in f]
+  output = tmp_path / 'cut'
+  config = make_config(env, output, task_feature_lengths={'inputs': 16,
+                                                          'targets': 8})
+  result = run(config)
+  manifest = result.manifests[TWO_FILES]
+  expected = sum(n > 16 for n in lengths)
+  assert 0 < expected < len(lengths)
+  assert manifest['truncated'] == {'inputs': {
+      'examples': expected, 'longest': max(lengths), 'limit': 16,
+      'unmeasured_at_limit': 0}}
+  summary = progress.summary(config, result, 1.0)
+  assert (f'warning: {expected} example(s) had inputs longer than 16 tokens '
+          f'(the longest {max(lengths)}) and were cut') in summary
+  reference = json.loads((reference_run[0] / f'{TWO_FILES}-predict'
+                          '.manifest.json').read_text())
+  assert reference['truncated']['inputs']['examples'] == 0
+  assert reference['truncated']['inputs']['longest'] == max(lengths)
