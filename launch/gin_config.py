@@ -194,6 +194,7 @@ def infer(*,  # pylint: disable=invalid-name
           skip_memory_check: bool = False,
           compilation_cache_dir: Optional[str] = None,
           metrics_tensorboard_dir: Optional[str] = None,
+          max_bad_records: int = 0,
           # T5X's infer() parameters (t5x/configs/runs/infer.gin binds some).
           shard_id: int = 0,
           num_shards: int = 1,
@@ -272,6 +273,7 @@ def infer(*,  # pylint: disable=invalid-name
                                else None),
       overwrite=overwrite,
       metrics_tensorboard_dir=metrics_tensorboard_dir,
+      max_bad_records=max_bad_records,
       file_task=file_task,
       lock_expiry_seconds=lock_expiry_seconds,
       lock_startup_seconds=lock_startup_seconds,

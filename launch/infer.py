@@ -472,6 +472,11 @@ def _main(argv: Sequence[str]) -> int:
   else:
     print(progress.summary(config, result, time.time() - started),
           file=sys.stderr)
+  if result.failures:
+    why = next(iter(result.failures.values()))
+    print(f't5beam: error: {one_line(why)}; fix them and rerun (finished '
+          'chunks are kept) or raise the limit', file=sys.stderr)
+    return 1
   failed = [m['metrics_error'] for m in result.manifests.values()
             if 'metrics_error' in m]
   if failed:

@@ -51,6 +51,11 @@ class InferConfig:
   input_fields_to_include: Optional[Tuple[str, ...]] = None
   # Replace whatever a different run left in output_dir.
   overwrite: bool = False
+  # Bad records of input files (infer.file_task) are skipped and listed in
+  # `{task}-{mode}.errors.jsonl`; a task with more than this many is not
+  # merged and the run fails (-1: no limit). Not in the fingerprint: the
+  # outputs never hold bad records, whatever the limit.
+  max_bad_records: int = 0
   # Where the tasks' metrics also go as TensorBoard scalars (a folder per
   # task, at the checkpoint's step); None: only the metrics files.
   metrics_tensorboard_dir: Optional[str] = None

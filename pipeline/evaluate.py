@@ -310,4 +310,7 @@ class EvaluateTask(beam.DoFn):
 
   def process(self, element):
     task_name, manifest = element
+    if 'too_many_bad_records' in manifest:  # not merged: nothing to measure
+      yield task_name, manifest
+      return
     yield task_name, finish(self._config, task_name, manifest)

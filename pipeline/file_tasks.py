@@ -5,18 +5,49 @@ A `FileTaskSpec` is plain data: the launcher builds it from Gin and every
 worker registers the same task from it, so no user module is needed.
 """
 
-import csv
 import dataclasses
 import hashlib
 import json
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import seqio
 import tensorflow as tf
 
-TEXT_FILE_TYPES = ('jsonl', 'tsv')
-FILE_TYPES = TEXT_FILE_TYPES + ('tfrecord',)
+# File types read in Python, record by record (a bad record is reported
+# and skipped, never failing the read): all of them.
+TEXT_FILE_TYPES = ('jsonl', 'tsv', 'tfrecord')
+FILE_TYPES = TEXT_FILE_TYPES
 SPLIT = 'infer'
+# How much of a bad record's raw text the errors file keeps.
+RAW_CHARACTERS = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRecord:
+  """A record that cannot be read: its file, its line (jsonl, TSV; the
+  header is line 1) or record (TFRecord) number, the problem, and the
+  first RAW_CHARACTERS of it."""
+  file: str
+  number: int
+  problem: str
+  raw: str = ''
+
+  def describe(self, file_type: str) -> str:
+    unit = 'record' if file_type == 'tfrecord' else 'line'
+    return f'{self.file} {unit} {self.number}: {self.problem}'
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def _raising(spec: 'FileTaskSpec'):
+  def report(bad: BadRecord):
+    raise ValueError(bad.describe(spec.file_type))
+  return report
+
+
+def _skipping(bad: BadRecord):
+  del bad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +93,9 @@ _ROWS_PER_BATCH = 1024
 _READ_BYTES = 1 << 20
 
 
-def _lines(path: str):
-  """The lines of a text file, '\n'-terminated, read in blocks."""
+def _lines(path: str) -> Iterator[bytes]:
+  """The lines of a text file as bytes, without their '\n', read in
+  blocks."""
   with tf.io.gfile.GFile(path, 'rb') as f:
     rest = b''
     while True:
@@ -72,32 +104,123 @@ def _lines(path: str):
         break
       lines = (rest + block).split(b'\n')
       rest = lines.pop()
-      for line in lines:
-        yield line.decode('utf-8') + '\n'
+      yield from lines
     if rest:
-      yield rest.decode('utf-8')
+      yield rest
 
 
-def _text_rows(spec: FileTaskSpec, path: str):
-  """(inputs, targets) strings of each record of one jsonl or TSV file."""
-  if spec.file_type == 'jsonl':
-    rows = (json.loads(line) for line in _lines(path) if line.strip())
-  else:
-    rows = csv.DictReader(_lines(path), delimiter='\t',
-                          quoting=csv.QUOTE_NONE)
-  for number, row in enumerate(rows, 1):
-    if spec.inputs_key not in row:
-      raise ValueError(f'{path} record {number} has no field '
-                       f'{spec.inputs_key!r} (INFER_INPUTS_KEY); it has '
-                       f'{sorted(row)}')
-    targets = row.get(spec.targets_key, '') if spec.targets_key else ''
-    yield str(row[spec.inputs_key]), str(targets)
+def _raw(data: bytes) -> str:
+  return data[:4 * RAW_CHARACTERS].decode('utf-8', errors='replace')[
+      :RAW_CHARACTERS]
+
+
+def _text_rows(spec: FileTaskSpec, path: str,
+               bad: Optional[Callable[[BadRecord], None]] = None):
+  """(inputs, targets) strings of each good record of one file, in order;
+  each bad one goes to `bad` (by default: ValueError naming it) and is not
+  yielded."""
+  bad = bad or _raising(spec)
+  if spec.file_type == 'tfrecord':
+    yield from _tfrecord_rows(spec, path, bad)
+    return
+  header = None
+  for number, line in enumerate(_lines(path), 1):
+    line = line.rstrip(b'\r')
+    if not line.strip() and spec.file_type == 'jsonl' or not line:
+      continue  # blank lines hold no record
+    try:
+      text = line.decode('utf-8')
+    except UnicodeDecodeError as e:
+      bad(BadRecord(path, number, f'not UTF-8 ({e.reason} at byte '
+                                  f'{e.start})', _raw(line)))
+      continue
+    if spec.file_type == 'jsonl':
+      try:
+        row = json.loads(text)
+      except ValueError as e:
+        bad(BadRecord(path, number, f'not JSON ({e})', _raw(line)))
+        continue
+      if not isinstance(row, dict):
+        bad(BadRecord(path, number, 'not a JSON object', _raw(line)))
+        continue
+    elif header is None:
+      header = text.split('\t')
+      if spec.inputs_key not in header:
+        bad(BadRecord(path, number, f'the header has no column '
+                                    f'{spec.inputs_key!r} (INFER_INPUTS_KEY);'
+                                    ' the file is skipped', _raw(line)))
+        return
+      continue
+    else:
+      fields = text.split('\t')
+      if len(fields) != len(header):
+        bad(BadRecord(path, number, f'{len(fields)} columns, the header '
+                                    f'has {len(header)}', _raw(line)))
+        continue
+      row = dict(zip(header, fields))
+    problem = _check_fields(spec, row)
+    if problem:
+      bad(BadRecord(path, number, problem, _raw(line)))
+      continue
+    yield row[spec.inputs_key], (row.get(spec.targets_key, '')
+                                 if spec.targets_key else '')
+
+
+def _check_fields(spec: FileTaskSpec, row) -> Optional[str]:
+  if spec.inputs_key not in row:
+    return f'no field {spec.inputs_key!r} (INFER_INPUTS_KEY)'
+  for key in (spec.inputs_key, spec.targets_key):
+    if key and key in row and not isinstance(row[key], str):
+      return f'field {key!r} is not a string'
+  return None
+
+
+def _tfrecord_rows(spec: FileTaskSpec, path: str,
+                   bad: Callable[[BadRecord], None]):
+  """_text_rows of a TFRecord file of tf.Examples with bytes features. A
+  file damaged mid-way cannot be read past the damage: that is reported
+  as a bad record at the record where reading stopped."""
+  from google.protobuf import message  # pylint: disable=g-import-not-at-top
+  records = iter(tf.data.TFRecordDataset(path).as_numpy_iterator())
+  number = 0
+  while True:
+    try:
+      record = next(records)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      bad(BadRecord(path, number + 1, f'the file is damaged; reading stopped '
+                                      f'here ({type(e).__name__})'))
+      return
+    number += 1
+    try:
+      features = tf.train.Example.FromString(record).features.feature
+    except message.DecodeError:
+      bad(BadRecord(path, number, 'not a tf.Example', _raw(record)))
+      continue
+    row = {}
+    for key in (spec.inputs_key, spec.targets_key):
+      if key and key in features:
+        values = features[key].bytes_list.value
+        try:
+          row[key] = values[0].decode('utf-8') if len(values) == 1 else None
+        except UnicodeDecodeError:
+          row[key] = None
+    problem = _check_fields(spec, row)
+    if problem is None and spec.targets_key and spec.targets_key not in row:
+      problem = f'no field {spec.targets_key!r} (INFER_TARGETS_KEY)'
+    if problem:
+      bad(BadRecord(path, number, problem.replace(
+          'is not a string', 'is not one UTF-8 bytes value'), _raw(record)))
+      continue
+    yield row[spec.inputs_key], row.get(spec.targets_key, '')
 
 
 def _text_batches(spec: FileTaskSpec, path: bytes):
-  """_text_rows in lists of up to _ROWS_PER_BATCH (inputs, targets)."""
+  """_text_rows in lists of up to _ROWS_PER_BATCH (inputs, targets); bad
+  records are skipped, as the pipeline's reader skips them."""
   inputs, targets = [], []
-  for row_inputs, row_targets in _text_rows(spec, path.decode()):
+  for row_inputs, row_targets in _text_rows(spec, path.decode(), _skipping):
     inputs.append(row_inputs)
     targets.append(row_targets)
     if len(inputs) == _ROWS_PER_BATCH:
@@ -119,12 +242,13 @@ def shard_files(spec: FileTaskSpec, shard: int, num_shards: int):
   return found[shard::num_shards]
 
 
-def shard_texts(spec: FileTaskSpec, shard: int, num_shards: int):
-  """(inputs, targets) strings of each record of one input shard, in the
-  order the task reads them; jsonl and TSV only (TFRecord files are read by
-  the task's tf.data source)."""
+def shard_texts(spec: FileTaskSpec, shard: int, num_shards: int,
+                bad: Optional[Callable[[BadRecord], None]] = None):
+  """(inputs, targets) strings of each good record of one input shard, in
+  the order the task reads them; bad records go to `bad` (by default:
+  ValueError)."""
   for path in shard_files(spec, shard, num_shards):
-    yield from _text_rows(spec, path)
+    yield from _text_rows(spec, path, bad)
 
 
 def tokenize(spec: FileTaskSpec, texts, length: int):
@@ -141,17 +265,6 @@ def tokenize(spec: FileTaskSpec, texts, length: int):
 
 def _read_file_fn(spec: FileTaskSpec):
   def read(path):
-    if spec.file_type == 'tfrecord':
-      features = {spec.inputs_key: tf.io.FixedLenFeature([], tf.string)}
-      if spec.targets_key:
-        features[spec.targets_key] = tf.io.FixedLenFeature([], tf.string)
-
-      def parse(record):
-        example = tf.io.parse_single_example(record, features)
-        return {'inputs': example[spec.inputs_key],
-                'targets': (example[spec.targets_key] if spec.targets_key
-                            else tf.constant(''))}
-      return tf.data.TFRecordDataset(path).map(parse)
     return tf.data.Dataset.from_generator(
         lambda p: _text_batches(spec, p), args=(path,),
         output_signature=(tf.TensorSpec([None], tf.string),
@@ -174,8 +287,11 @@ def check_fields(spec: FileTaskSpec):
         first = f.readline()
       if not first.strip():
         continue
-      fields = (set(json.loads(first)) if spec.file_type == 'jsonl' else
-                set(first.rstrip('\n').split('\t')))
+      try:
+        fields = (set(json.loads(first)) if spec.file_type == 'jsonl' else
+                  set(first.rstrip('\n').split('\t')))
+      except (ValueError, TypeError):
+        continue  # a bad first record: reported when the file is read
     for key in keys:
       if fields and key not in fields:
         raise ValueError(

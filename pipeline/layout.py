@@ -131,6 +131,15 @@ class TaskLayout:
   def manifest_path(self) -> str:
     return files.join(self.output_dir, f'{self.stem}.manifest.json')
 
+  def errors_path(self, shard: Optional[int] = None,
+                  num_shards: Optional[int] = None) -> str:
+    """The task's bad input records: `{stem}.errors.jsonl`, or one input
+    shard's in the chunk directory."""
+    if shard is None:
+      return files.join(self.output_dir, f'{self.stem}.errors.jsonl')
+    return files.join(self.chunk_dir,
+                      f'errors-{shard:05d}-of-{num_shards:05d}.jsonl')
+
   @property
   def metrics_path(self) -> str:
     return files.join(self.output_dir, f'{self.stem}.metrics.json')

@@ -52,12 +52,30 @@ class PlanMerge(beam.DoFn):
     task_name, grouped = element
     config = self._config
     task_layout = config.layout(task_name)
-    shards = list(grouped['counts'])  # (shard, examples, truncation)
-    counts = {shard: examples for shard, examples, _ in shards}
+    # (shard, examples, truncation, bad records)
+    shards = list(grouped['counts'])
+    counts = {shard: examples for shard, examples, _, _ in shards}
     truncation = read.Truncation()
-    for _, _, cut in shards:
+    for _, _, cut, _ in shards:
       truncation.merge(cut)
+    bad_records = sum(bad for _, _, _, bad in shards)
     num_shards = len(counts)
+    summary = {
+        'input_shards': num_shards,
+        'bad_records': bad_records,
+        'truncated': {
+            feature: {'examples': cut, 'longest': longest,
+                      'limit': int(config.task_feature_lengths[feature]),
+                      'unmeasured_at_limit': unknown}
+            for feature, (cut, longest, unknown) in sorted(
+                truncation.items())},
+    }
+    if 0 <= config.max_bad_records < bad_records:
+      # Not merged: the run fails naming the first (WriteManifest writes the
+      # errors file); every finished chunk is kept for the rerun.
+      yield beam.pvalue.TaggedOutput('summary', (task_name, dict(
+          summary, too_many_bad_records=True)))
+      return
     if task_layout.num_output_shards is None:  # 'auto': sizes are needed
       finished = task_layout.chunk_file_sizes(num_shards)  # one listing
     else:
@@ -84,21 +102,28 @@ class PlanMerge(beam.DoFn):
       yield task_name, MergeJob(index, tuple(pieces), n)
     stats = list(grouped['stats'])
     yield beam.pvalue.TaggedOutput('summary', (task_name, {
+        **summary,
         'examples': total,
-        'input_shards': num_shards,
         'chunks': len(chunks),
         'chunks_inferred_this_run': len(stats),
         'examples_inferred_this_run': sum(s.examples for s in stats),
         'decoded_tokens_this_run': sum(s.decoded_tokens for s in stats),
         'inference_seconds_this_run': sum(s.seconds for s in stats),
         'meshes_this_run': sorted({tuple(s.mesh) for s in stats}),
-        'truncated': {
-            feature: {'examples': cut, 'longest': longest,
-                      'limit': int(config.task_feature_lengths[feature]),
-                      'unmeasured_at_limit': unknown}
-            for feature, (cut, longest, unknown) in sorted(
-                truncation.items())},
     }))
+
+
+def _write_errors(task_layout, num_shards: int):
+  """The input shards' bad records, in order, as the task's errors file
+  (none when there are none)."""
+  parts = [files.read_bytes(task_layout.errors_path(shard, num_shards))
+           for shard in range(num_shards)
+           if files.exists(task_layout.errors_path(shard, num_shards))]
+  data = b''.join(parts)
+  if data:
+    files.write_atomically(task_layout.errors_path(), data)
+  elif files.exists(task_layout.errors_path()):
+    files.remove(task_layout.errors_path())
 
 
 # What the merge holds of an output file before writing it out.
@@ -191,6 +216,11 @@ class WriteManifest(beam.DoFn):
     config = self._config
     task_layout = config.layout(task_name)
     (summary,) = grouped['summary']
+    if config.file_task is not None:
+      _write_errors(task_layout, summary['input_shards'])
+    if summary.get('too_many_bad_records'):
+      yield task_name, {'too_many_bad_records': summary['bad_records']}
+      return
     outputs = sorted(grouped['outputs'], key=lambda o: o.index)
     seconds = summary['inference_seconds_this_run']
     manifest = {
@@ -206,6 +236,8 @@ class WriteManifest(beam.DoFn):
         # Per feature: examples longer than TASK_FEATURE_LENGTHS before
         # SeqIO trimmed them, and the longest seen (EOS counted).
         'truncated': summary['truncated'],
+        # Input records skipped as unreadable (listed in the errors file).
+        'bad_records': summary['bad_records'],
         'this_run': {
             'chunks_inferred': summary['chunks_inferred_this_run'],
             'examples_inferred': summary['examples_inferred_this_run'],

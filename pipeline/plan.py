@@ -269,22 +269,60 @@ def claim_output_dir(run_plan: RunPlan) -> Dict:
                           if k != 'inputs'})
         changed = same_settings and _changed_input(
             existing.get('inputs', {}), run_plan.inputs)
+        if changed and _only_fixed_files_changed(run_plan, existing):
+          changed = None  # their shards are read and inferred again
+          what = None
         if changed and not config.overwrite:
           raise PlanError(
               f'INFER_OUTPUT_DIR {config.output_dir!r} holds a run over '
               f'other input: {changed}; restore that input, use a new '
               'directory, or set infer.overwrite=True')
-      if not config.overwrite:
+      if what is not None and not config.overwrite:
         raise PlanError(
             f'INFER_OUTPUT_DIR {config.output_dir!r} holds {what}; use a new '
             'output directory, or set infer.overwrite=True to replace it')
-      logging.warning('Overwriting the run in %s: it holds %s',
-                      config.output_dir, what)
-      _clear_run(config, existing)
+      if what is not None:
+        logging.warning('Overwriting the run in %s: it holds %s',
+                        config.output_dir, what)
+        _clear_run(config, existing)
   files.makedirs(config.output_dir)
   files.write_atomically(run_path, json.dumps(record, indent=2,
                                               sort_keys=True).encode())
   return record
+
+
+def _only_fixed_files_changed(run_plan: RunPlan, existing: Dict) -> bool:
+  """Whether every input file that changed since the run in the directory
+  had bad records there (the user fixed them): then that run resumes, and
+  the input shards holding those files lose their finished chunks, to be
+  read and inferred again. Files gone or new are not fixes."""
+  old, new = existing.get('inputs', {}), run_plan.inputs
+  changed = []
+  for task in set(old) | set(new):
+    before, after = old.get(task, {}), new.get(task, {})
+    if set(before) != set(after):
+      return False
+    changed += [(task, path) for path in after if before[path] != after[path]]
+  shards = []  # (task layout, errors file name) of each fixed shard
+  for task, path in changed:
+    task_layout = run_plan.layout(task)
+    if not files.exists(task_layout.chunk_dir):
+      return False
+    holding = [name for name in files.list_names(task_layout.chunk_dir)
+               if name.startswith('errors-') and path.encode() in
+               files.read_bytes(files.join(task_layout.chunk_dir, name))]
+    if not holding:
+      return False
+    shards += [(task_layout, name) for name in holding]
+  for task_layout, name in shards:
+    # errors-SSSSS-of-NNNNN.jsonl -> that shard's chunk files
+    prefix = 'chunk-' + name[len('errors-'):-len('.jsonl')] + '-'
+    for chunk in files.list_names(task_layout.chunk_dir):
+      if chunk.startswith(prefix):
+        files.remove(files.join(task_layout.chunk_dir, chunk))
+    logging.info('t5beam: %s: an input file with bad records changed; its '
+                 'input shard (%s) is read again', task_layout.task, name)
+  return bool(changed)
 
 
 def _changed_input(old: Dict[str, Dict[str, str]],

@@ -12,7 +12,8 @@ finished are dropped here, before they travel.
 import dataclasses
 import itertools
 import json
-from typing import (Any, Dict, Iterator, List, Mapping, Optional, Sequence,
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional,
+                    Sequence,
                     Tuple)
 
 import apache_beam as beam
@@ -205,12 +206,14 @@ def measured_features(config: InferConfig) -> Tuple[str, ...]:
 
 def read_chunks(config: InferConfig, task_name: str, shard: int,
                 num_shards: int, skip: Sequence[int] = (),
-                truncation: Optional[Truncation] = None
+                truncation: Optional[Truncation] = None,
+                bad: Optional[Callable[[file_tasks.BadRecord], None]] = None
                 ) -> Iterator[Tuple[int, int, Optional[Chunk]]]:
   """(chunk, examples in it, Chunk) for every chunk of one input shard, in
   order; the Chunk is None for chunks in `skip` (read, never converted).
   `truncation` (if given) counts every example's cut features, skipped
-  chunks' too.
+  chunks' too. Bad records of input files go to `bad` and are skipped
+  (by default: ValueError naming the first).
 
   Plain jsonl and TSV input files (infer.file_task) are read and tokenized
   in Python a chunk at a time; a registered SeqIO task (and TFRecord input
@@ -219,12 +222,12 @@ def read_chunks(config: InferConfig, task_name: str, shard: int,
   file_task = config.file_task
   if (file_task is not None and task_name == file_task.task_name and
       file_task.file_type in file_tasks.TEXT_FILE_TYPES):
-    return _file_chunks(config, shard, num_shards, skip, truncation)
+    return _file_chunks(config, shard, num_shards, skip, truncation, bad)
   return _task_chunks(config, task_name, shard, num_shards, skip, truncation)
 
 
 def _file_chunks(config: InferConfig, shard: int, num_shards: int,
-                 skip: Sequence[int], truncation: Truncation):
+                 skip: Sequence[int], truncation: Truncation, bad=None):
   """read_chunks of plain input files, without tf.data: the same fields
   and token ids as the file task's SeqIO pipeline."""
   spec = config.file_task
@@ -233,7 +236,7 @@ def _file_chunks(config: InferConfig, shard: int, num_shards: int,
   size = config.chunk_size
   skip = frozenset(skip)
   measured = measured_features(config)
-  texts = file_tasks.shard_texts(spec, shard, num_shards)
+  texts = file_tasks.shard_texts(spec, shard, num_shards, bad)
   for chunk in itertools.count():
     rows = list(itertools.islice(texts, size))
     if not rows:
@@ -353,8 +356,10 @@ class ReadShard(beam.DoFn):
     skip = [chunk for s, chunk in finished if s == shard]
     count = skipped = 0
     truncation = Truncation()
+    bad = []
     for chunk, examples, data in read_chunks(self._config, task_name, shard,
-                                             num_shards, skip, truncation):
+                                             num_shards, skip, truncation,
+                                             bad.append):
       count += examples
       if data is None:
         skipped += 1
@@ -362,8 +367,15 @@ class ReadShard(beam.DoFn):
       yield (task_name, shard, chunk), data
     Metrics.counter(NAMESPACE, 'chunks_skipped').inc(skipped)
     Metrics.counter(NAMESPACE, 'examples_read').inc(count)
+    task_layout = self._config.layout(task_name)
     files.write_atomically(
-        self._config.layout(task_name).count_path(shard, num_shards),
+        task_layout.count_path(shard, num_shards),
         json.dumps({'examples': count}).encode())
+    # The shard's bad records (rewritten whole each time it is read), for
+    # the task's errors file.
+    files.write_atomically(
+        task_layout.errors_path(shard, num_shards),
+        ''.join(b.to_json() + '\n' for b in bad).encode())
+    Metrics.counter(NAMESPACE, 'bad_records').inc(len(bad))
     yield beam.pvalue.TaggedOutput(SHARD_COUNTS, (task_name, (
-        shard, count, dict(truncation))))
+        shard, count, dict(truncation), len(bad))))

@@ -13,6 +13,7 @@ live run holds that lock (pipeline.lock).
 """
 
 import dataclasses
+import json
 import logging
 import time
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -40,6 +41,8 @@ class RunResult:
   counters: Dict[str, int] = dataclasses.field(default_factory=dict)
   manifests: Dict[str, dict] = dataclasses.field(default_factory=dict)
   wall_seconds: float = 0.0
+  # task -> why it has no outputs (more bad input records than allowed).
+  failures: Dict[str, str] = dataclasses.field(default_factory=dict)
   # The runner's result; for 'dry_run', Dataflow's (its `job` is the job
   # description) or, on other runners, the pipeline proto.
   beam_result: Any = None
@@ -131,10 +134,30 @@ def run_inference(run: Union[InferConfig, plan.RunPlan],
     if counter.key.metric.namespace == NAMESPACE:
       name = counter.key.metric.name
       counters[name] = counters.get(name, 0) + counter.committed
-  manifests = {name: files.read_json(run_plan.layout(name).manifest_path)
-               for name in task_names}
+  manifests, failures = {}, {}
+  for name in task_names:
+    layout = run_plan.layout(name)
+    if files.exists(layout.manifest_path):
+      manifests[name] = files.read_json(layout.manifest_path)
+    else:
+      failures[name] = _bad_records_failure(config, layout)
   return RunResult('completed', task_names, counters, manifests,
-                   time.time() - started_at, beam_result)
+                   time.time() - started_at, failures=failures,
+                   beam_result=beam_result)
+
+
+def _bad_records_failure(config: InferConfig, layout) -> str:
+  """The line saying why a task was not merged: its bad input records."""
+  from pipeline import file_tasks  # pylint: disable=g-import-not-at-top
+  lines = list(files.read_lines(layout.errors_path()))
+  entry = json.loads(lines[0])
+  # The problem's details (a parser's message) are in the errors file.
+  first = file_tasks.BadRecord(entry['file'], entry['number'],
+                               entry['problem'].split(' (')[0])
+  return (f'{layout.task}: {len(lines)} bad input record(s), over '
+          f'infer.max_bad_records = {config.max_bad_records}; first: '
+          f'{first.describe(config.file_task.file_type)}; all in '
+          f'{layout.errors_path()}')
 
 
 def _metrics_pending(run_plan: plan.RunPlan) -> Dict[str, dict]:

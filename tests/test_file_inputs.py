@@ -176,3 +176,164 @@ def test_plain_files_are_chunked_as_their_seqio_task_reads_them(
     assert sorted(first) == ['targets', 'targets_pretokenized']
   else:
     assert sorted(first) == ['inputs_pretokenized', 'targets_pretokenized']
+
+
+GOOD = [f'{a} + {b}' for a, b in ((1, 2), (30, 4), (15, 15), (9, 0), (7, 70),
+                                  (11, 22), (50, 49), (3, 3))]
+# Bad lines of each kind, with the problem their errors entry names.
+BAD_JSONL = [(b'{"question": "1 + 1"', 'not JSON'),
+             (b'["12 + 1"]', 'not a JSON object'),
+             (b'{"id": "7"}', "no field 'question'"),
+             (b'{"question": 12}', "field 'question' is not a string"),
+             (b'{"question": "\xff 3 + 4"}', 'not UTF-8')]
+BAD_TSV = [(b'1 + 1', '1 columns, the header has 2'),
+           (b'x\t2 + 2\textra', '3 columns, the header has 2'),
+           (b'y\t\xfe 5 + 5', 'not UTF-8')]
+
+
+def _write_with_bad(directory, file_type, bad_lines, parts=(0, 1)):
+  """Two files (two input shards) of the GOOD questions; the second has
+  `bad_lines` after its good ones, one after each, the rest at its end. Returns
+  (pattern, the bad lines' line numbers)."""
+  halves = (GOOD[:4], GOOD[4:])
+  numbers = []
+  for index, questions in enumerate(halves):
+    lines = []
+    if file_type == 'tsv':
+      lines.append(b'id\tquestion')
+    for i, question in enumerate(questions):
+      lines.append(json.dumps({'question': question}).encode()
+                   if file_type == 'jsonl' else
+                   f'{i}\t{question}'.encode())
+      if index == 1 and i < len(bad_lines):
+        lines.append(bad_lines[i])
+        numbers.append(len(lines))
+    if index == 1:
+      for line in bad_lines[len(questions):]:
+        lines.append(line)
+        numbers.append(len(lines))
+    if index in parts:
+      with open(os.path.join(directory, f'part-{index}.{file_type}'),
+                'wb') as f:
+        f.write(b'\n'.join(lines) + b'\n')
+  return str(directory / f'part-*.{file_type}'), numbers
+
+
+def _launch_files(directory, pattern, file_type, output, *flags):
+  return launch([f'--gin_file={gin_file(directory, pattern, file_type)}',
+                 f'--gin.INFER_OUTPUT_DIR="{output}"', *flags])
+
+
+@pytest.mark.parametrize('file_type', ['jsonl', 'tsv'])
+def test_bad_records_are_skipped_and_listed_within_the_limit(tmp_path,
+                                                              file_type):
+  """infer.max_bad_records = -1: each bad line is skipped and listed (file,
+  line, problem, raw text); the outputs equal those of the same files
+  without the bad lines."""
+  bad = BAD_JSONL if file_type == 'jsonl' else BAD_TSV
+  clean_dir, bad_dir = tmp_path / 'clean', tmp_path / 'bad'
+  clean_dir.mkdir()
+  bad_dir.mkdir()
+  clean, _ = _write_with_bad(clean_dir, file_type, [])
+  dirty, numbers = _write_with_bad(bad_dir, file_type, [l for l, _ in bad])
+  status, stderr = _launch_files(clean_dir, clean, file_type, tmp_path / 'a')
+  assert status == 0, stderr
+  status, stderr = _launch_files(bad_dir, dirty, file_type, tmp_path / 'b',
+                                 '--gin.infer.max_bad_records=-1')
+  assert status == 0, stderr
+  # (The task's name, in the file names, comes from the file pattern.)
+  assert list(helpers.output_files(tmp_path / 'b').values()) == list(
+      helpers.output_files(tmp_path / 'a').values())
+  (errors,) = [n for n in os.listdir(tmp_path / 'b')
+               if n.endswith('.errors.jsonl')]
+  listed = helpers.read_records(tmp_path / 'b' / errors)
+  part = str(bad_dir / f'part-1.{file_type}')
+  assert [(e['file'], e['number']) for e in listed] == [
+      (part, n) for n in numbers]
+  for entry, (line, problem) in zip(listed, bad):
+    assert entry['problem'].startswith(problem), entry
+    assert entry['raw'] == line.decode('utf-8', errors='replace')
+  (manifest,) = [n for n in os.listdir(tmp_path / 'b')
+                 if n.endswith('.manifest.json')]
+  manifest = json.loads((tmp_path / 'b' / manifest).read_text())
+  assert manifest['bad_records'] == len(bad) and manifest['records'] == 8
+
+
+def test_bad_records_past_the_limit_fail_the_run_and_a_rerun_resumes(
+    tmp_path):
+  """With the default limit (0) the good shard's chunks finish and are
+  kept, the run fails naming the first bad line; fixing the file resumes
+  (only its shard is read and inferred again). A limit of 2 under 5 bad
+  lines fails too; a rerun with a larger limit resumes from the kept
+  chunks. Both end with the clean files' outputs."""
+  clean_dir, bad_dir = tmp_path / 'clean', tmp_path / 'bad'
+  clean_dir.mkdir()
+  bad_dir.mkdir()
+  clean, _ = _write_with_bad(clean_dir, 'jsonl', [])
+  dirty, numbers = _write_with_bad(bad_dir, 'jsonl',
+                                   [l for l, _ in BAD_JSONL])
+  assert _launch_files(clean_dir, clean, 'jsonl', tmp_path / 'ref')[0] == 0
+  expected = list(helpers.output_files(tmp_path / 'ref').values())
+
+  output = tmp_path / 'default'
+  status, stderr = _launch_files(bad_dir, dirty, 'jsonl', output)
+  assert status == 1
+  (line,) = [l for l in stderr.splitlines() if l.startswith('t5beam: error')]
+  assert '5 bad input record(s), over infer.max_bad_records = 0' in line
+  assert f'part-1.jsonl line {numbers[0]}: not JSON' in line
+  helpers.assert_short_refusal(line)
+  assert helpers.output_files(output) == {}
+  (chunks,) = [n for n in os.listdir(output) if n.startswith('tmp-')]
+  assert [n for n in os.listdir(output / chunks)
+          if n.startswith('chunk-00000-of-00002')]  # the good shard's
+  # The user removes the bad lines: the run resumes.
+  _write_with_bad(bad_dir, 'jsonl', [], parts=(1,))
+  status, stderr = _launch_files(bad_dir, dirty, 'jsonl', output)
+  assert status == 0, stderr
+  assert 'this run inferred 4' in stderr  # the fixed shard only
+  assert list(helpers.output_files(output).values()) == expected
+
+  _write_with_bad(bad_dir, 'jsonl', [l for l, _ in BAD_JSONL], parts=(1,))
+  output = tmp_path / 'limit'
+  status, stderr = _launch_files(bad_dir, dirty, 'jsonl', output,
+                                 '--gin.infer.max_bad_records=2')
+  assert status == 1 and 'over infer.max_bad_records = 2' in stderr
+  status, stderr = _launch_files(bad_dir, dirty, 'jsonl', output,
+                                 '--gin.infer.max_bad_records=5')
+  assert status == 0, stderr
+  assert 'this run inferred 0' in stderr  # every chunk was kept
+  assert list(helpers.output_files(output).values()) == expected
+
+
+def test_tfrecord_bad_records_and_damage_are_reported(tmp_path):
+  """A record that is not a tf.Example and one without the inputs feature
+  are skipped and named; a file damaged mid-way is read up to the damage,
+  reported at the record where reading stopped."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from pipeline import file_tasks  # pylint: disable=g-import-not-at-top
+
+  def example(**values):
+    return tf.train.Example(features=tf.train.Features(feature={
+        k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode()]))
+        for k, v in values.items()})).SerializeToString()
+  path = str(tmp_path / 'part-0.tfrecord')
+  records = [example(question='1 + 1'), b'\x01not a proto\xff',
+             example(id='3'), example(question='2 + 2'),
+             example(question='3 + 3'), example(question='4 + 4')]
+  with tf.io.TFRecordWriter(path) as writer:
+    for record in records:
+      writer.write(record)
+  data = bytearray(open(path, 'rb').read())
+  # Damage the fifth record's data: its CRC no longer matches.
+  offset = sum(len(r) + 16 for r in records[:4]) + 12 + 2
+  data[offset] ^= 0xFF
+  open(path, 'wb').write(bytes(data))
+  spec = file_tasks.FileTaskSpec((path,), 'tfrecord', 'question',
+                                 seqio.ByteVocabulary())
+  bad = []
+  rows = list(file_tasks.shard_texts(spec, 0, 1, bad.append))
+  assert rows == [('1 + 1', ''), ('2 + 2', '')]
+  assert [(b.number, b.problem.split(' (')[0]) for b in bad] == [
+      (2, 'not a tf.Example'), (3, "no field 'question'"),
+      (5, 'the file is damaged; reading stopped here')]
+  assert bad[0].describe('tfrecord') == f'{path} record 2: not a tf.Example'
