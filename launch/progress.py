@@ -139,6 +139,10 @@ def _truncation_lines(manifest) -> List[str]:
           f'    warning: {cut["examples"]} example(s) had {feature} longer '
           f'than {cut["limit"]} tokens (the longest {cut["longest"]}) and '
           f'were cut; raise TASK_FEATURE_LENGTHS[{feature!r}] to keep them')
+    if cut.get('empty'):
+      lines.append(
+          f'    warning: {cut["empty"]} example(s) had empty {feature} (no '
+          'token but EOS) after the task\'s preprocessors')
     if cut['unmeasured_at_limit']:
       lines.append(
           f'    note: {cut["unmeasured_at_limit"]} example(s) fill {feature}\'s'

@@ -66,8 +66,8 @@ class PlanMerge(beam.DoFn):
         'truncated': {
             feature: {'examples': cut, 'longest': longest,
                       'limit': int(config.task_feature_lengths[feature]),
-                      'unmeasured_at_limit': unknown}
-            for feature, (cut, longest, unknown) in sorted(
+                      'unmeasured_at_limit': unknown, 'empty': empty}
+            for feature, (cut, longest, unknown, empty) in sorted(
                 truncation.items())},
     }
     if 0 <= config.max_bad_records < bad_records:

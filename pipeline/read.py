@@ -31,16 +31,18 @@ SHARD_COUNTS = 'shard_counts'
 
 class Truncation(dict):
   """feature -> [examples cut, longest length seen, examples filling the
-  length whose text was not there to measure]: lengths before SeqIO trimmed
-  them to TASK_FEATURE_LENGTHS, EOS counted as SeqIO counts it. Trimming
-  inside a task's own preprocessors cannot be seen."""
+  length whose text was not there to measure, examples with no token but
+  EOS]: lengths before SeqIO trimmed them to TASK_FEATURE_LENGTHS, EOS
+  counted as SeqIO counts it. Trimming inside a task's own preprocessors
+  cannot be seen."""
 
   def add_lengths(self, feature: str, lengths, limit: int):
-    """Untrimmed lengths (known for every example)."""
+    """Untrimmed lengths (known for every example), EOS counted."""
     lengths = np.asarray(lengths, np.int64)
-    entry = self.setdefault(feature, [0, 0, 0])
+    entry = self.setdefault(feature, [0, 0, 0, 0])
     entry[0] += int(np.count_nonzero(lengths > limit))
     entry[1] = max(entry[1], int(lengths.max(initial=0)))
+    entry[3] += int(np.count_nonzero(lengths <= 1))
 
   def add_trimmed(self, feature: str, tokens: np.ndarray, texts, limit: int,
                   vocabulary, add_eos: bool):
@@ -48,7 +50,8 @@ class Truncation(dict):
     than the limit was not cut; one that fills it is measured again from
     its `*_pretokenized` text (`texts`, None when the task has none)."""
     lengths = np.count_nonzero(tokens, axis=1)
-    entry = self.setdefault(feature, [0, 0, 0])
+    entry = self.setdefault(feature, [0, 0, 0, 0])
+    entry[3] += int(np.count_nonzero(lengths <= int(add_eos)))
     longest = int(lengths.max(initial=0))
     for row in np.flatnonzero(lengths >= limit):
       if texts is None:
@@ -62,11 +65,12 @@ class Truncation(dict):
     entry[1] = max(entry[1], longest)
 
   def merge(self, other: Mapping[str, Sequence[int]]):
-    for feature, (cut, longest, unknown) in other.items():
-      entry = self.setdefault(feature, [0, 0, 0])
+    for feature, (cut, longest, unknown, empty) in other.items():
+      entry = self.setdefault(feature, [0, 0, 0, 0])
       entry[0] += cut
       entry[1] = max(entry[1], longest)
       entry[2] += unknown
+      entry[3] += empty
     return self
 
 

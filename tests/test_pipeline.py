@@ -426,7 +426,7 @@ def test_inputs_longer_than_their_length_are_counted(env, reference_run,
   assert 0 < expected < len(lengths)
   assert manifest['truncated'] == {'inputs': {
       'examples': expected, 'longest': max(lengths), 'limit': 16,
-      'unmeasured_at_limit': 0}}
+      'unmeasured_at_limit': 0, 'empty': 0}}
   summary = progress.summary(config, result, 1.0)
   assert (f'warning: {expected} example(s) had inputs longer than 16 tokens '
           f'(the longest {max(lengths)}) and were cut') in summary
