@@ -74,7 +74,7 @@ def _plan(config, counts):
   from pipeline import merge  # pylint: disable=g-import-not-at-top
   jobs, summary = [], None
   for item in merge.PlanMerge(config).process(
-      ('big', {'counts': [(s, n, {}) for s, n in counts.items()],
+      ('big', {'counts': [(s, n, {}, 0) for s, n in counts.items()],
                'stats': []})):
     if hasattr(item, 'tag'):
       summary = item.value[1]
