@@ -339,3 +339,49 @@ def test_tfrecord_bad_records_and_damage_are_reported(tmp_path):
       (2, 'not a tf.Example'), (3, "no field 'question'"),
       (5, 'the file is damaged; reading stopped here')]
   assert bad[0].describe('tfrecord') == f'{path} record 2: not a tf.Example'
+
+
+def test_killed_run_over_bad_records_resumes_to_identical_files(tmp_path):
+  """Bad lines skipped (no limit), the run killed after its first chunks,
+  then resumed: the same files as an uninterrupted run."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  from pipeline import file_tasks  # pylint: disable=g-import-not-at-top
+  from pipeline.run import run_inference  # pylint: disable=g-import-not-at-top
+  pattern, _ = _write_with_bad(tmp_path, 'jsonl', [l for l, _ in BAD_JSONL])
+  spec = file_tasks.FileTaskSpec((pattern,), 'jsonl', 'question',
+                                 seqio.ByteVocabulary())
+
+  def config(output):
+    return helpers.infer_config(
+        checkpoint_path=DEMO_CHECKPOINT, output_dir=str(output),
+        task_feature_lengths={'inputs': 16, 'targets': 8}, batch_size=1,
+        checkpoint_period=1, mixture_or_task_name=spec.task_name,
+        split=file_tasks.SPLIT, file_task=spec, max_bad_records=-1)
+  options = PipelineOptions(['--runner=FnApiRunner'])
+  reference = run_inference(config(tmp_path / 'reference'), options)
+  assert reference.manifests[spec.task_name]['bad_records'] == 5
+  resumed = config(tmp_path / 'out')
+  layout = resumed.layout(spec.task_name)
+  child = subprocess.Popen(
+      helpers.run_script_command(resumed, ['--runner=FnApiRunner'], tmp_path),
+      start_new_session=True, stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and not layout.finished_chunks(2):
+      time.sleep(0.005)
+  finally:
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+  finished = layout.finished_chunks(2)
+  assert 1 <= len(finished) < 8, finished
+  result = run_inference(resumed, options)
+  assert result.counters['chunks_skipped'] == len(finished)
+  assert (helpers.output_files(tmp_path / 'out') ==
+          helpers.output_files(tmp_path / 'reference'))
+  assert (tmp_path / 'out' / f'{layout.stem}.errors.jsonl').read_bytes() == (
+      tmp_path / 'reference' / f'{layout.stem}.errors.jsonl').read_bytes()
