@@ -17,7 +17,9 @@ DATA_DIR = os.environ.get('T5BEAM_TEST_DATA', '/nonexistent')
 VOCABULARY = seqio.ByteVocabulary()
 
 
-def _register(name: str, pattern: str, vocabulary=VOCABULARY):
+def _register(name: str, pattern: str, vocabulary=VOCABULARY, **metrics):
+  """A TSV task over `pattern` in the data directory; `metrics`: the
+  Task's postprocess_fn and metric_fns."""
   if name in seqio.TaskRegistry.names():
     return
   seqio.TaskRegistry.add(
@@ -28,7 +30,8 @@ def _register(name: str, pattern: str, vocabulary=VOCABULARY):
                      seqio.preprocessors.append_eos_after_trim],
       output_features={
           'inputs': seqio.Feature(vocabulary, add_eos=True),
-          'targets': seqio.Feature(vocabulary, add_eos=True)})
+          'targets': seqio.Feature(vocabulary, add_eos=True)},
+      **metrics)
 
 
 # Two files: two input shards by default.
@@ -111,27 +114,13 @@ def broken_unless_allowed(targets, predictions):
   return class_accuracy(targets, predictions)
 
 
-def _register_with_metrics(name, pattern, metric_fns):
-  if name in seqio.TaskRegistry.names():
-    return
-  seqio.TaskRegistry.add(
-      name,
-      source=seqio.TextLineDataSource(
-          {'test': os.path.join(DATA_DIR, pattern)}),
-      preprocessors=[parse_tsv, seqio.preprocessors.tokenize,
-                     seqio.preprocessors.append_eos_after_trim],
-      output_features={
-          'inputs': seqio.Feature(VOCABULARY, add_eos=True),
-          'targets': seqio.Feature(VOCABULARY, add_eos=True)},
-      postprocess_fn=_length_class,
-      metric_fns=metric_fns)
-
-
 _METRICS = [class_accuracy, input_weighted_accuracy, mean_score]
-_register_with_metrics('t5beam_test_metrics_two_files', 'two-*.tsv', _METRICS)
-_register_with_metrics('t5beam_test_metrics_one_file', 'one.tsv', _METRICS)
-_register_with_metrics('t5beam_test_metrics_broken', 'one.tsv',
-                       [broken_unless_allowed])
+_register('t5beam_test_metrics_two_files', 'two-*.tsv',
+          postprocess_fn=_length_class, metric_fns=_METRICS)
+_register('t5beam_test_metrics_one_file', 'one.tsv',
+          postprocess_fn=_length_class, metric_fns=_METRICS)
+_register('t5beam_test_metrics_broken', 'one.tsv',
+          postprocess_fn=_length_class, metric_fns=[broken_unless_allowed])
 if 't5beam_test_metrics_mixture' not in seqio.MixtureRegistry.names():
   seqio.MixtureRegistry.add('t5beam_test_metrics_mixture',
                             ['t5beam_test_metrics_two_files',
