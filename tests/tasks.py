@@ -7,6 +7,7 @@ vocabularies need no vocabulary files.
 
 import os
 
+import flax
 import seqio
 import tensorflow as tf
 
@@ -114,11 +115,34 @@ def broken_unless_allowed(targets, predictions):
   return class_accuracy(targets, predictions)
 
 
+@flax.struct.dataclass
+class LongPredictions(seqio.metrics.Metric):
+  """A seqio.Metric object (not a metric function): how many predictions
+  are longer than 2 characters, from the predicted token ids."""
+  count: int = 0
+
+  @classmethod
+  def from_model_output(cls, inputs, model_output, features,
+                        target_field_name='targets', mask=None,
+                        indices_2d=None):
+    del inputs, mask, indices_2d
+    vocabulary = features[target_field_name].vocabulary
+    count = sum(len(vocabulary.decode([int(t) for t in row])) > 2
+                for row in model_output)
+    return cls(model_output_type=seqio.metrics.ModelOutputType.PREDICTION,
+               count=count)
+
+  def compute(self):
+    return {'long_predictions': self.count}
+
+
 _METRICS = [class_accuracy, input_weighted_accuracy, mean_score]
 _register('t5beam_test_metrics_two_files', 'two-*.tsv',
           postprocess_fn=_length_class, metric_fns=_METRICS)
 _register('t5beam_test_metrics_one_file', 'one.tsv',
-          postprocess_fn=_length_class, metric_fns=_METRICS)
+          postprocess_fn=_length_class, metric_fns=_METRICS,
+          metric_objs=[LongPredictions(
+              model_output_type=seqio.metrics.ModelOutputType.PREDICTION)])
 _register('t5beam_test_metrics_broken', 'one.tsv',
           postprocess_fn=_length_class, metric_fns=[broken_unless_allowed])
 if 't5beam_test_metrics_mixture' not in seqio.MixtureRegistry.names():
