@@ -111,7 +111,9 @@ def estimate(config: T5Config, *, batch_size: int, input_length: int,
   # them: the log-softmax (scores, sampling), beam search's candidates.
   logit_copies = {'greedy': 2, 'temperature_sample': 3, 'beam_search': 4}
   logits = logit_copies[strategy] * rows * vocab * 4
-  step = rows * (config.d_model + mlp + 3 * heads * config.d_kv) * act * 2
+  # Products accumulate in float32 (model.network): a step's outputs are
+  # float32 before their cast to the activation dtype.
+  step = rows * (config.d_model + mlp + 3 * heads * config.d_kv) * (act + 4)
   return Estimate(parameters, caches, max(encoder, logits + step))
 
 
@@ -119,11 +121,13 @@ def _stack_peak(config: T5Config, examples: int, length: int,
                 key_length: int, heads: int, mlp: int, act: int) -> int:
   """The peak of one layer of a full-sequence pass: the residual stream
   (and part of its normed copy, which XLA often fuses away), plus the larger of the attention (float32 weights
-  and a projection of the heads) and the MLP's hidden units."""
+  and a projection of the heads) and the MLP's hidden units. Products
+  accumulate in float32 (model.network), so a product's output is float32
+  until its cast to the activation dtype."""
   hidden = examples * length * config.d_model * act
   attention = (examples * heads * length * key_length * 4 +
-               examples * length * heads * config.d_kv * act)
-  feed_forward = examples * length * mlp * act
+               examples * length * heads * config.d_kv * max(act, 4))
+  feed_forward = examples * length * mlp * max(act, 4)
   return 3 * hidden // 2 + max(attention, feed_forward)
 
 

@@ -127,11 +127,33 @@ def fused_kernel(module: nn.Module, group: str, kernels) -> Array:
   return fused
 
 
+# Every product of the network accumulates in float32, whatever its
+# operands' dtype: with bfloat16 activations the operands are bfloat16 and
+# the sums float32 (`preferred_element_type`), as on TPUs and GPUs. On a CPU
+# with bfloat16 dot instructions (AMX, AVX512_BF16) that form is also the
+# fast one: on a 2-core Xeon with AMX, [4096 x 512] @ [512 x 1024] ran at
+# 1,571 GFLOP/s, against 275 in float32 and 235 with bfloat16 sums. The
+# result is cast back to the operands' dtype, except where float32 is kept
+# (attention and output logits, which softmax and arg-max read).
+def _accumulating(product):
+  def call(*operands, keep_float32: bool = False):
+    arrays = [o for o in operands if not isinstance(o, str)]
+    result = product(*operands, preferred_element_type=jnp.float32)
+    return result if keep_float32 else result.astype(
+        jnp.result_type(*arrays))
+  return call
+
+
+dot = _accumulating(jnp.dot)
+matmul = _accumulating(jnp.matmul)
+einsum = _accumulating(jnp.einsum)
+
+
 def fused_matmul(x: Array, fused: Array, parts: int,
                  blocks: int) -> List[Array]:
   """x [..., d_model] times each of the `parts` kernels joined in `fused`
   (block layout of `blocks`): `parts` arrays [..., out], from one matmul."""
-  projected = jnp.dot(x.astype(fused.dtype), fused)
+  projected = dot(x.astype(fused.dtype), fused)
   if parts == 1:
     return [projected]
   out = fused.shape[-1] // parts
@@ -249,13 +271,14 @@ class MultiHeadAttention(nn.Module):
     query = query.transpose(0, 2, 1, 3)  # [batch, heads, q_len, d_kv]
     key = key.transpose(0, 2, 3, 1)  # [batch, heads, d_kv, k_len]
     value = value.transpose(0, 2, 1, 3)  # [batch, heads, k_len, d_kv]
-    logits = jnp.matmul(query, key)  # [batch, heads, q_len, k_len]
-    weights = jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1)
-    context = jnp.matmul(weights.astype(dtype), value)
+    # [batch, heads, q_len, k_len], float32
+    logits = matmul(query, key, keep_float32=True)
+    weights = jax.nn.softmax(logits + bias, axis=-1)
+    context = matmul(weights.astype(dtype), value)
     # [batch, heads, q_len, d_kv] -> [batch, q_len, heads * d_kv]
     context = context.transpose(0, 2, 1, 3)
     context = context.reshape(context.shape[:2] + (-1,))
-    return jnp.dot(context, self.out().astype(dtype))
+    return dot(context, self.out().astype(dtype))
 
   def attend_step(self, query: Array, key: Array, value: Array,
                   bias: Array) -> Array:
@@ -272,12 +295,12 @@ class MultiHeadAttention(nn.Module):
     """
     dtype = _dtype(self.config.dtype)
     query = query.transpose(0, 2, 1, 3)  # [batch, heads, 1, d_kv]
-    logits = jnp.einsum('bhqd,bhkd->bhqk', query, key)
-    weights = jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1)
-    context = jnp.einsum('bhqk,bhkd->bhqd', weights.astype(dtype), value)
+    logits = einsum('bhqd,bhkd->bhqk', query, key, keep_float32=True)
+    weights = jax.nn.softmax(logits + bias, axis=-1)
+    context = einsum('bhqk,bhkd->bhqd', weights.astype(dtype), value)
     # [batch, heads, 1, d_kv] -> [batch, 1, heads * d_kv]
     context = context.transpose(0, 2, 1, 3).reshape(context.shape[0], 1, -1)
-    return jnp.dot(context, self.out().astype(dtype))
+    return dot(context, self.out().astype(dtype))
 
 
 class MlpBlock(nn.Module):
@@ -310,9 +333,9 @@ class MlpBlock(nn.Module):
                                   cfg.model_axis_size)
       hidden = activation(gate) * linear
     else:
-      hidden = activation(jnp.dot(x, self.wi().astype(dtype)))
+      hidden = activation(dot(x, self.wi().astype(dtype)))
     # [batch, length, d_ff] -> [batch, length, d_model]
-    return jnp.dot(hidden, self.wo().astype(dtype))
+    return dot(hidden, self.wo().astype(dtype))
 
 
 class EncoderLayer(nn.Module):
@@ -450,10 +473,8 @@ class Decoder(nn.Module):
     """Final norm and output projection, float32 logits [..., vocab]."""
     x = self.logits_input(x)
     if self.config.logits_via_embedding:
-      logits = jnp.dot(x, embedding.T)
-    else:
-      logits = jnp.dot(x, self.logits_dense().astype(x.dtype))
-    return logits.astype(jnp.float32)
+      return dot(x, embedding.T, keep_float32=True)
+    return dot(x, self.logits_dense().astype(x.dtype), keep_float32=True)
 
   def __call__(self, x: Array, cross: List[KeyValue], encoder_mask: Array,
                embedding: Array) -> Array:

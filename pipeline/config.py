@@ -12,8 +12,10 @@ from pipeline.layout import TaskLayout
 # instead of silently mixed. 1: sampling keys per batch; 2: one key per
 # example, from (seed, task, input shard, index in shard); 3: the input's
 # identity (its files' names, sizes and versions) is part of the fingerprint,
-# and a shard of several plain input files reads them one after another.
-FINGERPRINT_VERSION = 3
+# and a shard of several plain input files reads them one after another;
+# 4: products accumulate in float32 with bfloat16 activations (their
+# outputs were bfloat16 sums before), and bad input records are skipped.
+FINGERPRINT_VERSION = 4
 
 # num_output_shards='auto' aims at output files of this size.
 AUTO_OUTPUT_SHARD_BYTES = 1 << 30

@@ -236,3 +236,29 @@ def test_prepared_variables_compute_what_the_plain_params_do(pair, inputs,
   cross = ours.variables['params']['decoder']['layers_0'][
       'encoder_decoder_attention']
   assert set(cross) == {'query', 'out'}
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_every_product_accumulates_in_float32(dtype):
+  """In the jitted network (the full teacher-forced pass and a decoding
+  step's output layer), every dot's result is float32, its operands the
+  activation dtype: bfloat16 operands with float32 sums, as on TPUs; and
+  float32 mode has no bfloat16 product at all."""
+  import re  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from model import network  # pylint: disable=g-import-not-at-top
+  config = T5Config(vocab_size=64, d_model=16, num_heads=2, d_kv=8, d_ff=32,
+                    num_encoder_layers=1, num_decoder_layers=1, dtype=dtype)
+  params = jax.tree.map(lambda x: x.astype(dtype),
+                        network.init_params(config, 0))
+  module = network.Transformer(config)
+  tokens = jnp.ones((2, 5), jnp.int32)
+  text = jax.jit(lambda p, e, d: module.apply({'params': p}, e, d)).lower(
+      params, tokens, tokens).as_text()
+  dots = re.findall(r'stablehlo.dot_general.*?: \((.*?)\) -> (\S+)', text)
+  assert len(dots) >= 10, text[:2000]
+  short = {'bfloat16': 'bf16', 'float32': 'f32'}[dtype]
+  for operands, result in dots:
+    assert result.endswith('xf32>'), (operands, result)
+    assert operands.count(f'x{short}>') == 2, (operands, result)

@@ -159,9 +159,11 @@ def test_output_of_an_older_t5beam_version_is_refused_by_name(env, tmp_path,
   manifest['fingerprint'] = record['fingerprint']
   manifest_path.write_text(json.dumps(manifest))
   before = helpers.output_files(output)
+  from pipeline.config import FINGERPRINT_VERSION  # pylint: disable=g-import-not-at-top
   with pytest.raises(PlanError, match=r'holds output written by another '
                      r't5beam version \(fingerprint version 1; this t5beam '
-                     r'writes version 3.*infer.overwrite=True'):
+                     f'writes version {FINGERPRINT_VERSION}.*'
+                     r'infer.overwrite=True'):
     run(make_config(env, output))
   assert helpers.output_files(output) == before
 
