@@ -21,10 +21,10 @@ def env(tmp_path_factory):
   return helpers.small_environment(tmp_path_factory)
 
 
-def run(env, output, mode, **settings):
+def run(env, output, mode, name=MIXTURE, **settings):
   from pipeline.run import run_inference  # pylint: disable=g-import-not-at-top
   config = helpers.infer_config(
-      mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS,
+      mixture_or_task_name=name, task_feature_lengths=LENGTHS,
       checkpoint_path=settings.pop('checkpoint_path', env['checkpoint']),
       output_dir=str(output), mixture_or_task_module='tests.tasks',
       batch_size=4, checkpoint_period=2, mode=mode, output_ids=True,
@@ -57,20 +57,21 @@ def _records_by_input(output, task, mode):
   return {r['inputs']['inputs_pretokenized']: r for r in records}
 
 
-def evaluator_metrics(predict_output, score_output):
+def evaluator_metrics(predict_output, score_output, name=MIXTURE,
+                      tasks=SUBTASKS):
   """seqio.Evaluator's metrics for the mixture's sub-tasks (all kinds), its
   model functions answering from our predict and score runs' outputs
   (matched by input text: the Evaluator reads the task's files in its own
   order)."""
   import seqio  # pylint: disable=g-import-not-at-top
   evaluator = seqio.Evaluator(
-      mixture_or_task_name=MIXTURE,
+      mixture_or_task_name=name,
       feature_converter=seqio.EncDecFeatureConverter(pack=False),
       eval_split='test', use_cached=False, sequence_length=LENGTHS,
       logger_cls=())
   vocabulary = seqio.ByteVocabulary()
   by_input = {'predict': {}, 'score': {}}
-  for task in SUBTASKS:
+  for task in tasks:
     by_input['predict'].update(_records_by_input(predict_output, task,
                                                  'predict'))
     by_input['score'].update(_records_by_input(score_output, task, 'score'))
@@ -101,8 +102,9 @@ def evaluator_metrics(predict_output, score_output):
     if isinstance(value, seqio.metrics.Text):
       return str(value.textdata)
     return value
-  return {task: {name: plain(value) for name, value in computed[task].items()}
-          for task in SUBTASKS}
+  return {task: {metric: plain(value)
+                 for metric, value in computed[task].items()}
+          for task in tasks}
 
 
 def test_metrics_equal_seqio_evaluators(predict_run, score_run):
@@ -182,3 +184,22 @@ RestoreCheckpointConfig.dtype = 'float32'
   manifest = json.loads((output / (stem.name + '.manifest.json')).read_text())
   assert manifest['metrics'] == metrics and 'metrics_error' not in manifest
   assert helpers.output_files(output) == outputs and len(outputs) == 1
+
+
+def test_a_tasks_metrics_equal_seqio_evaluators(env, tmp_path):
+  """A Task run on its own (not through a Mixture), predict and score."""
+  task = SUBTASKS[1]
+  outputs = {mode: tmp_path / mode for mode in ('predict', 'score')}
+  for mode, output in outputs.items():
+    run(env, output, mode, name=task)
+  expected = evaluator_metrics(outputs['predict'], outputs['score'],
+                               name=task, tasks=(task,))[task]
+  found = {}
+  for mode, output in outputs.items():
+    found.update(json.loads((output / f'{task}-{mode}.metrics.json'
+                             ).read_text()))
+  assert set(found) == set(expected)
+  for metric, value in found.items():
+    want = expected[metric]
+    assert value == (want if isinstance(want, str) else
+                     pytest.approx(want, rel=1e-6)), metric
