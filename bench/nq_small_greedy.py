@@ -16,6 +16,14 @@ machine both figures move between runs (against transformers at batch 128,
 test: run it by hand.
 
     .venv/bin/python bench/nq_small_greedy.py [--examples 1024] [--batch_sizes 32,128]
+        [--dtype bfloat16]
+
+With --dtype bfloat16 every side runs in bfloat16 on the same weights: ours
+with bfloat16 parameters and activations (float32 sums), transformers with
+its model cast to bfloat16, CTranslate2 with compute_type bfloat16 where
+its CPU backend allows it (else it is left out, saying why). The CPU's
+bfloat16 features and which of our CPU-specific choices were on are
+printed first.
 """
 
 import argparse
@@ -77,7 +85,26 @@ class _IdVocabulary:
     return self.tokens[token_id]
 
 
-def ctranslate2_decoder(hf_model, config):
+def cpu_report(model) -> str:
+  """The CPU's bfloat16 features and our CPU-specific choices in force."""
+  flags = set()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('flags'):
+          flags = set(line.split(':', 1)[1].split())
+          break
+  except OSError:
+    pass
+  features = [f for f in ('avx512_bf16', 'amx_bf16', 'amx_tile') if f in flags]
+  tuning = os.environ.get('T5BEAM_XLA_CPU_TUNING', '1') != '0'
+  return (f'cpu bfloat16 features: {", ".join(features) or "none"}; ours: '
+          f'XLA CPU tuning {"on" if tuning else "off"}, concurrent halves '
+          f'{"on" if model.concurrent_halves else "off"}, screened arg-max '
+          f'{"on" if model.argmax_screen is not None else "off"}')
+
+
+def ctranslate2_decoder(hf_model, config, dtype='float32'):
   """decode(batch) -> tokens with CTranslate2 (float32, 2 threads) on the
   reference's weights, or None when ctranslate2 is not installed. The
   converted model lives in a temporary directory only until the translator
@@ -101,9 +128,13 @@ def ctranslate2_decoder(hf_model, config):
   spec.optimize(quantization=None)
   with tempfile.TemporaryDirectory(prefix='t5beam-bench-ct2-') as directory:
     spec.save(directory)
-    translator = ctranslate2.Translator(
-        directory, device='cpu', compute_type='float32',
-        intra_threads=torch.get_num_threads(), inter_threads=1)
+    try:
+      translator = ctranslate2.Translator(
+          directory, device='cpu', compute_type=dtype,
+          intra_threads=torch.get_num_threads(), inter_threads=1)
+    except ValueError as e:  # e.g. no bfloat16 compute type on this backend
+      print(f'ctranslate2 {dtype} is left out: {e}')
+      return None
 
   def decode(batch):
     results = translator.translate_batch(
@@ -162,6 +193,8 @@ def main():
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--skip_transformers', action='store_true')
   parser.add_argument('--skip_ctranslate2', action='store_true')
+  parser.add_argument('--dtype', default='float32',
+                      choices=('float32', 'bfloat16'))
   parser.add_argument('--paired_passes', type=int, default=2,
                       help='passes of batch-by-batch paired timing (0: none)')
   args = parser.parse_args()
@@ -170,22 +203,30 @@ def main():
   hf_model = reference.make_reference(config, seed=0)
   tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
   params = checkpoints.params_from_huggingface(config, tensors)
+  if args.dtype == 'bfloat16':
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    config = config.replace(dtype='bfloat16')
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
   model = InferenceModel(config, params)
+  print(cpu_report(model))
   sides = {OURS: lambda b: ours_batch(model, b)}
-  if not args.skip_transformers:
-    sides['transformers'] = lambda b: theirs_batch(hf_model, b)
   if not args.skip_ctranslate2:
-    ct2 = ctranslate2_decoder(hf_model, config)
-    if ct2 is None:
+    ct2 = ctranslate2_decoder(hf_model, config, args.dtype)
+    if ct2 is not None:
+      sides['ctranslate2'] = ct2
+    elif args.dtype == 'float32':
       print('ctranslate2 is not installed, so it is left out: '
             '.venv/bin/pip install -r bench/requirements.txt')
-    else:
-      sides['ctranslate2'] = ct2
+  if not args.skip_transformers:
+    if args.dtype == 'bfloat16':
+      hf_model = hf_model.to(torch.bfloat16)
+    sides['transformers'] = lambda b: theirs_batch(hf_model, b)
   rng = np.random.default_rng(0)
   inputs = rng.integers(2, config.vocab_size,
                         size=(args.examples, INPUT_LENGTH)).astype(np.int32)
   print(f'nq-small-greedy: {args.examples} examples, {INPUT_LENGTH} input '
-        f'tokens, {DECODE_LENGTH} decoded, float32; torch threads '
+        f'tokens, {DECODE_LENGTH} decoded, {args.dtype}; torch threads '
         f'{torch.get_num_threads()}, cpus {os.cpu_count()}')
   for batch_size in [int(b) for b in args.batch_sizes.split(',')]:
     # Alternate the sides so a noisy neighbour hits all alike; report each
