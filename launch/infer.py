@@ -32,9 +32,9 @@ class LaunchError(Exception):
   """A problem the user must fix; its message is one line saying what."""
 
 
-# A refusal is one short line: under MESSAGE_LIMIT characters besides the
-# paths it names, each path at most PATH_LIMIT (shortened in its middle).
-MESSAGE_LIMIT = 200
+# A refusal is one short line: under 200 characters besides the paths it
+# names (tests hold every refusal to that), each path at most PATH_LIMIT,
+# shortened in its middle.
 PATH_LIMIT = 64
 _PATH = re.compile(r"[\w.~:-]*/[^\s'\",;()]+")
 
@@ -218,8 +218,7 @@ def build_config():
   # Modules the Gin files import to register tasks (T5X's files do, e.g.
   # `from t5.data import mixtures`): workers import them too.
   modules = tuple(sorted({statement.module for statement in _gin_imports()
-                          if not t5x_names.is_t5x_import(statement.module)
-                          and not statement.module.startswith('launch.')}))
+                          if not t5x_names.is_t5x_import(statement.module)}))
   return dataclasses.replace(config, task_modules=modules), model
 
 

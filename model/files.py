@@ -158,6 +158,13 @@ def write_atomically(path: str, data: bytes):
     f.write(data)
 
 
+def write_json(path: str, value: Any):
+  """`value` as indented JSON with sorted keys, written atomically (the
+  run record, manifests, metrics)."""
+  write_atomically(path, json.dumps(value, indent=2,
+                                    sort_keys=True).encode('utf-8'))
+
+
 def read_lines(path: str) -> Iterator[bytes]:
   """The lines of a file (with their b'\\n'), streamed."""
   local = _local(path)

@@ -32,7 +32,7 @@ import apache_beam as beam
 import numpy as np
 
 from model import checkpoints, files, runtime
-from pipeline import plan
+from pipeline import plan, read
 from pipeline.config import InferConfig
 
 
@@ -47,12 +47,8 @@ def task_examples(config: InferConfig, task_name: str,
   import seqio  # pylint: disable=g-import-not-at-top
   task = seqio.get_mixture_or_task(task_name)
   for shard in range(num_shards):
-    dataset = task.get_dataset(
-        sequence_length=dict(config.task_feature_lengths), split=config.split,
-        shuffle=False, num_epochs=1,
-        shard_info=seqio.ShardInfo(shard, num_shards), use_cached=False,
-        seed=0)
-    yield from dataset.as_numpy_iterator()
+    yield from read.task_dataset(config, task, shard,
+                                 num_shards).as_numpy_iterator()
 
 
 def output_records(output_dir: str, manifest: Dict[str, Any]
@@ -82,10 +78,6 @@ def _metric_objects(task, mode: str) -> List[Any]:
            'predict_with_aux': ('PREDICTION', 'PREDICTION_WITH_AUX')}[mode]
   wanted = {getattr(seqio.metrics.ModelOutputType, t) for t in types}
   return [m for m in own if m.model_output_type in wanted]
-
-
-def has_metrics(task, mode: str) -> bool:
-  return bool(_metric_fns(task, mode) or _metric_objects(task, mode))
 
 
 def _target(task, example: Dict[str, Any]) -> Any:
@@ -252,10 +244,6 @@ def write_tensorboard(directory: str, task_name: str, metrics: Dict[str, Any],
   return step
 
 
-def manifest_json(manifest: Dict[str, Any]) -> bytes:
-  return json.dumps(manifest, indent=2, sort_keys=True).encode('utf-8')
-
-
 def metrics_pending(manifest: Dict[str, Any]) -> bool:
   """Whether a complete output's metrics are still to compute (never tried,
   or failed)."""
@@ -288,12 +276,11 @@ def finish(config: InferConfig, task_name: str, manifest: Dict[str, Any]
       logging.info('t5beam: %s; no metrics written', why)
       manifest['metrics_skipped'] = why
     else:
-      files.write_atomically(layout.metrics_path,
-                             manifest_json(metrics))
+      files.write_json(layout.metrics_path, metrics)
       manifest['metrics'] = metrics
   if 'metrics_error' in manifest:
     logging.error('t5beam: %s', manifest['metrics_error'])
-  files.write_atomically(layout.manifest_path, manifest_json(manifest))
+  files.write_json(layout.manifest_path, manifest)
   return manifest
 
 

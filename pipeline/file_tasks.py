@@ -13,10 +13,9 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 import seqio
 import tensorflow as tf
 
-# File types read in Python, record by record (a bad record is reported
-# and skipped, never failing the read): all of them.
-TEXT_FILE_TYPES = ('jsonl', 'tsv', 'tfrecord')
-FILE_TYPES = TEXT_FILE_TYPES
+# Every type is read in Python, record by record: a bad record is reported
+# and skipped, never failing the read.
+FILE_TYPES = ('jsonl', 'tsv', 'tfrecord')
 SPLIT = 'infer'
 # How much of a bad record's raw text the errors file keeps.
 RAW_CHARACTERS = 1000
@@ -126,8 +125,8 @@ def _text_rows(spec: FileTaskSpec, path: str,
   header = None
   for number, line in enumerate(_lines(path), 1):
     line = line.rstrip(b'\r')
-    if not line.strip() and spec.file_type == 'jsonl' or not line:
-      continue  # blank lines hold no record
+    if not (line.strip() if spec.file_type == 'jsonl' else line):
+      continue  # blank lines hold no record (in jsonl, whitespace either)
     try:
       text = line.decode('utf-8')
     except UnicodeDecodeError as e:
@@ -166,12 +165,17 @@ def _text_rows(spec: FileTaskSpec, path: str,
                                  if spec.targets_key else '')
 
 
-def _check_fields(spec: FileTaskSpec, row) -> Optional[str]:
+def _check_fields(spec: FileTaskSpec, row, targets_required: bool = False,
+                  not_text: str = 'is not a string') -> Optional[str]:
+  """What is wrong with a record's fields (None: nothing). A field that is
+  present but not text (None in `row`, or not a str) is `not_text`."""
   if spec.inputs_key not in row:
     return f'no field {spec.inputs_key!r} (INFER_INPUTS_KEY)'
   for key in (spec.inputs_key, spec.targets_key):
     if key and key in row and not isinstance(row[key], str):
-      return f'field {key!r} is not a string'
+      return f'field {key!r} {not_text}'
+  if targets_required and spec.targets_key and spec.targets_key not in row:
+    return f'no field {spec.targets_key!r} (INFER_TARGETS_KEY)'
   return None
 
 
@@ -206,12 +210,11 @@ def _tfrecord_rows(spec: FileTaskSpec, path: str,
           row[key] = values[0].decode('utf-8') if len(values) == 1 else None
         except UnicodeDecodeError:
           row[key] = None
-    problem = _check_fields(spec, row)
-    if problem is None and spec.targets_key and spec.targets_key not in row:
-      problem = f'no field {spec.targets_key!r} (INFER_TARGETS_KEY)'
+    # tf.Examples hold every field they name (as FixedLenFeature reads).
+    problem = _check_fields(spec, row, targets_required=True,
+                            not_text='is not one UTF-8 bytes value')
     if problem:
-      bad(BadRecord(path, number, problem.replace(
-          'is not a string', 'is not one UTF-8 bytes value'), _raw(record)))
+      bad(BadRecord(path, number, problem, _raw(record)))
       continue
     yield row[spec.inputs_key], row.get(spec.targets_key, '')
 

@@ -20,6 +20,7 @@ of a shard is in chunk i // chunk_size.
 """
 
 import dataclasses
+import json
 import re
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -29,6 +30,7 @@ RUN_FILE = 't5beam-run.json'
 MARKER_SUFFIX = '.COMPLETED'
 _CHUNK_RE = re.compile(r'^chunk-(\d+)-of-(\d+)-(\d+)\.jsonl$')
 _COUNT_RE = re.compile(r'^count-(\d+)-of-(\d+)\.json$')
+_ERRORS_RE = re.compile(r'^errors-(\d+)-of-(\d+)\.jsonl$')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +141,27 @@ class TaskLayout:
       return files.join(self.output_dir, f'{self.stem}.errors.jsonl')
     return files.join(self.chunk_dir,
                       f'errors-{shard:05d}-of-{num_shards:05d}.jsonl')
+
+  def shards_with_bad_records_of(self, path: str) -> List[Tuple[int, int]]:
+    """(shard, number of shards) of each input shard whose bad records, as
+    last read, include one of the input file `path`."""
+    if not files.exists(self.chunk_dir):
+      return []
+    found = []
+    for name in files.list_names(self.chunk_dir):
+      match = _ERRORS_RE.match(name)
+      if match and any(
+          json.loads(line)['file'] == path
+          for line in files.read_lines(files.join(self.chunk_dir, name))):
+        found.append((int(match.group(1)), int(match.group(2))))
+    return found
+
+  def remove_shard_chunks(self, shard: int, num_shards: int):
+    """Removes the finished chunk files of one input shard."""
+    names = files.list_names(self.chunk_dir)
+    for name, (chunk_shard, _) in self._chunks_of(names, num_shards).items():
+      if chunk_shard == shard:
+        files.remove(files.join(self.chunk_dir, name))
 
   @property
   def metrics_path(self) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Dict, Tuple
 import apache_beam as beam
 
 from model import files
-from pipeline import evaluate, read
+from pipeline import read
 from pipeline.config import InferConfig
 
 
@@ -255,8 +255,7 @@ class WriteManifest(beam.DoFn):
             'wall_seconds': round(time.time() - self._started_at, 3),
         },
     }
-    files.write_atomically(task_layout.manifest_path,
-                           evaluate.manifest_json(manifest))
+    files.write_json(task_layout.manifest_path, manifest)
     for output in outputs:
       files.write_atomically(
           task_layout.marker_path(output.index, len(outputs)), b'')

@@ -267,81 +267,72 @@ def claim_output_dir(run_plan: RunPlan) -> Dict:
                           if k != 'inputs'} ==
                          {k: v for k, v in record['settings'].items()
                           if k != 'inputs'})
-        changed = same_settings and _changed_input(
-            existing.get('inputs', {}), run_plan.inputs)
-        if changed and _only_fixed_files_changed(run_plan, existing):
-          changed = None  # their shards are read and inferred again
-          what = None
-        if changed and not config.overwrite:
+        changes = _changed_files(existing.get('inputs', {}),
+                                 run_plan.inputs) if same_settings else []
+        if changes and _only_fixed_files_changed(run_plan, changes):
+          what = None  # the fixed files' shards are read and inferred again
+        elif changes and not config.overwrite:
+          task, path, _, how = changes[0]
           raise PlanError(
               f'INFER_OUTPUT_DIR {config.output_dir!r} holds a run over '
-              f'other input: {changed}; restore that input, use a new '
-              'directory, or set infer.overwrite=True')
-      if what is not None and not config.overwrite:
-        raise PlanError(
-            f'INFER_OUTPUT_DIR {config.output_dir!r} holds {what}; use a new '
-            'output directory, or set infer.overwrite=True to replace it')
+              f'other input: {path} (task {task}) {how}; restore that input, '
+              'use a new directory, or set infer.overwrite=True')
       if what is not None:
+        if not config.overwrite:
+          raise PlanError(
+              f'INFER_OUTPUT_DIR {config.output_dir!r} holds {what}; use a '
+              'new output directory, or set infer.overwrite=True to replace '
+              'it')
         logging.warning('Overwriting the run in %s: it holds %s',
                         config.output_dir, what)
         _clear_run(config, existing)
   files.makedirs(config.output_dir)
-  files.write_atomically(run_path, json.dumps(record, indent=2,
-                                              sort_keys=True).encode())
+  files.write_json(run_path, record)
   return record
 
 
-def _only_fixed_files_changed(run_plan: RunPlan, existing: Dict) -> bool:
-  """Whether every input file that changed since the run in the directory
-  had bad records there (the user fixed them): then that run resumes, and
-  the input shards holding those files lose their finished chunks, to be
-  read and inferred again. Files gone or new are not fixes."""
-  old, new = existing.get('inputs', {}), run_plan.inputs
-  changed = []
-  for task in set(old) | set(new):
-    before, after = old.get(task, {}), new.get(task, {})
-    if set(before) != set(after):
-      return False
-    changed += [(task, path) for path in after if before[path] != after[path]]
-  shards = []  # (task layout, errors file name) of each fixed shard
-  for task, path in changed:
+def _only_fixed_files_changed(run_plan: RunPlan,
+                              changes: List[Tuple[str, str, str, str]]
+                              ) -> bool:
+  """Whether every changed input file (`changes`, from _changed_files) had
+  bad records in the run in the directory (the user fixed them): then that
+  run resumes, and the input shards holding those files lose their finished
+  chunks, to be read and inferred again. Files gone or new are not fixes."""
+  fixed = []  # (task layout, shard, number of shards)
+  for task, path, kind, _ in changes:
     task_layout = run_plan.layout(task)
-    if not files.exists(task_layout.chunk_dir):
+    shards = task_layout.shards_with_bad_records_of(path)
+    if kind != 'changed' or not shards:
       return False
-    holding = [name for name in files.list_names(task_layout.chunk_dir)
-               if name.startswith('errors-') and path.encode() in
-               files.read_bytes(files.join(task_layout.chunk_dir, name))]
-    if not holding:
-      return False
-    shards += [(task_layout, name) for name in holding]
-  for task_layout, name in shards:
-    # errors-SSSSS-of-NNNNN.jsonl -> that shard's chunk files
-    prefix = 'chunk-' + name[len('errors-'):-len('.jsonl')] + '-'
-    for chunk in files.list_names(task_layout.chunk_dir):
-      if chunk.startswith(prefix):
-        files.remove(files.join(task_layout.chunk_dir, chunk))
+    fixed += [(task_layout, shard, count) for shard, count in shards]
+  for task_layout, shard, count in fixed:
+    task_layout.remove_shard_chunks(shard, count)
     logging.info('t5beam: %s: an input file with bad records changed; its '
-                 'input shard (%s) is read again', task_layout.task, name)
-  return bool(changed)
+                 'input shard %d of %d is read again', task_layout.task,
+                 shard, count)
+  return True
 
 
-def _changed_input(old: Dict[str, Dict[str, str]],
-                   new: Dict[str, Dict[str, str]]) -> Optional[str]:
-  """How the first changed input file differs, or None if none did."""
+def _changed_files(old: Dict[str, Dict[str, str]],
+                   new: Dict[str, Dict[str, str]]
+                   ) -> List[Tuple[str, str, str, str]]:
+  """(task, path, 'gone' | 'new' | 'changed', how) of every input file that
+  differs, in order."""
+  changes = []
   for task in sorted(set(old) | set(new)):
     before, after = old.get(task, {}), new.get(task, {})
     for path in sorted(set(before) | set(after)):
       if path not in after:
-        return f'{path} (task {task}) is gone'
-      if path not in before:
-        return f'{path} (task {task}) is new'
-      if before[path] != after[path]:
+        changes.append((task, path, 'gone', 'is gone'))
+      elif path not in before:
+        changes.append((task, path, 'new', 'is new'))
+      elif before[path] != after[path]:
         old_size, old_version = before[path].split(':', 1)
         new_size, new_version = after[path].split(':', 1)
         what = (f'size {old_size} -> {new_size}' if old_size != new_size
                 else f'version {old_version} -> {new_version}')
-        return f'{path} (task {task}) changed ({what})'
-  return None
+        changes.append((task, path, 'changed', f'changed ({what})'))
+  return changes
 
 
 def _differences(old: Dict, new: Dict) -> str:

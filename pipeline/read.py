@@ -4,9 +4,9 @@ A chunk (`chunk_size` consecutive examples of one input shard) is the
 element that travels from reading to inference: its token ids stacked
 (compactly: see `Chunk`), and each record's `inputs` already written as
 JSON. SeqIO's datasets are read a chunk at a time (`Dataset.padded_batch`),
-so the cost per example is tf.data's and numpy's, not Beam's; plain jsonl
-and TSV input files are read without tf.data. Chunks an earlier run
-finished are dropped here, before they travel.
+so the cost per example is tf.data's and numpy's, not Beam's; plain input
+files (jsonl, TSV, TFRecord) are read without tf.data. Chunks an earlier
+run finished are dropped here, before they travel.
 """
 
 import dataclasses
@@ -219,13 +219,12 @@ def read_chunks(config: InferConfig, task_name: str, shard: int,
   chunks' too. Bad records of input files go to `bad` and are skipped
   (by default: ValueError naming the first).
 
-  Plain jsonl and TSV input files (infer.file_task) are read and tokenized
-  in Python a chunk at a time; a registered SeqIO task (and TFRecord input
-  files) through its tf.data pipeline. Both give the same chunks."""
+  Plain input files (infer.file_task: jsonl, TSV, TFRecord) are read and
+  tokenized in Python a chunk at a time; a registered SeqIO task through
+  its tf.data pipeline. Both give the same chunks."""
   truncation = Truncation() if truncation is None else truncation
   file_task = config.file_task
-  if (file_task is not None and task_name == file_task.task_name and
-      file_task.file_type in file_tasks.TEXT_FILE_TYPES):
+  if file_task is not None and task_name == file_task.task_name:
     return _file_chunks(config, shard, num_shards, skip, truncation, bad)
   return _task_chunks(config, task_name, shard, num_shards, skip, truncation)
 
@@ -267,6 +266,16 @@ def _file_chunks(config: InferConfig, shard: int, num_shards: int,
         lengths)
 
 
+def task_dataset(config: InferConfig, task, shard: int, num_shards: int):
+  """One input shard of a SeqIO task's examples, in order, as the run
+  reads them."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  return task.get_dataset(
+      sequence_length=dict(config.task_feature_lengths), split=config.split,
+      shuffle=False, num_epochs=1,
+      shard_info=seqio.ShardInfo(shard, num_shards), use_cached=False, seed=0)
+
+
 def _task_chunks(config: InferConfig, task_name: str, shard: int,
                  num_shards: int, skip: Sequence[int],
                  truncation: Truncation):
@@ -276,10 +285,7 @@ def _task_chunks(config: InferConfig, task_name: str, shard: int,
   import seqio  # pylint: disable=g-import-not-at-top
   task = seqio.get_mixture_or_task(task_name)
   lengths = dict(config.task_feature_lengths)
-  task_ds = task.get_dataset(
-      sequence_length=lengths, split=config.split, shuffle=False,
-      num_epochs=1, shard_info=seqio.ShardInfo(shard, num_shards),
-      use_cached=False, seed=0)
+  task_ds = task_dataset(config, task, shard, num_shards)
   spec = task_ds.element_spec
   for feature in ('inputs', 'targets'):
     if feature not in spec:
@@ -375,11 +381,12 @@ class ReadShard(beam.DoFn):
     files.write_atomically(
         task_layout.count_path(shard, num_shards),
         json.dumps({'examples': count}).encode())
-    # The shard's bad records (rewritten whole each time it is read), for
-    # the task's errors file.
-    files.write_atomically(
-        task_layout.errors_path(shard, num_shards),
-        ''.join(b.to_json() + '\n' for b in bad).encode())
+    if self._config.file_task is not None:  # only files have bad records
+      # The shard's bad records (rewritten whole each time it is read, so a
+      # fixed file leaves none), for the task's errors file.
+      files.write_atomically(
+          task_layout.errors_path(shard, num_shards),
+          ''.join(b.to_json() + '\n' for b in bad).encode())
     Metrics.counter(NAMESPACE, 'bad_records').inc(len(bad))
     yield beam.pvalue.TaggedOutput(SHARD_COUNTS, (task_name, (
         shard, count, dict(truncation), len(bad))))
