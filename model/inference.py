@@ -21,6 +21,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import jax
 import numpy as np
 
+from model import batching as batching_lib
 from model import checkpoints
 from model import decoding as decoding_lib
 from model import partitioning as partitioning_lib
@@ -119,6 +120,10 @@ class InferenceModel:
     self._decode = jax.jit(
         functools.partial(decoding_lib.decode, self.module),
         static_argnames=('max_length', 'eos_id', 'config', 'return_scores'))
+    self._continuous = jax.jit(
+        functools.partial(decoding_lib.continuous_decode, self.module),
+        static_argnames=('slots', 'group', 'buckets', 'max_length', 'eos_id',
+                         'config', 'return_scores'))
     self._score = jax.jit(
         functools.partial(decoding_lib.token_log_likelihoods, self.module))
 
@@ -254,6 +259,127 @@ class InferenceModel:
     first, second = list(halves)
     return tuple(np.concatenate(pair) for pair in zip(first, second))
 
+  def predict_examples(
+      self, encoder_input_tokens: np.ndarray, *, batch_size: int,
+      max_length: int, return_scores: bool = False, stop_at_eos: bool = True,
+      decoding: Optional[decoding_lib.DecodingConfig] = None,
+      rng: Optional[jax.Array] = None,
+      batching: batching_lib.Batching = batching_lib.Batching()
+  ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+    """`predict_batch` over any number of examples [count, in_len], cut
+    into model calls of `batch_size` rows by `batching` (see
+    `model.batching`); the results are in the given order. `rng`: one key,
+    or one per example (then each example's samples depend on its key
+    alone, in every batching mode)."""
+    config = decoding or decoding_lib.DecodingConfig()
+    tokens_in = np.asarray(encoder_input_tokens, np.int32)
+    count, in_len = tokens_in.shape
+    keys = _example_keys(rng, count, config.needs_rng)
+    mode = batching_lib.effective_mode(batching.mode, 'predict', config)
+    buckets = batching.buckets(in_len)
+    scored = return_scores or config.strategy != 'greedy'
+    eos_id = self.config.eos_id if stop_at_eos else None
+    order = (np.arange(count) if mode == 'static'
+             else batching_lib.length_order(tokens_in))
+    if mode == 'continuous':
+      tokens, scores = self._decode_continuously(
+          tokens_in[order], keys[order], batch_size=batch_size,
+          group=batching.group(batch_size), buckets=buckets,
+          max_length=max_length, eos_id=eos_id, config=config,
+          return_scores=scored)
+      tokens, scores = tokens[:, None], scores[:, None]
+    else:
+      decode = functools.partial(
+          self._decode, self.variables, max_length=max_length,
+          eos_id=eos_id, config=config, return_scores=scored,
+          argmax_screen=self.argmax_screen)
+      parts = []
+      for begin in range(0, count, batch_size):
+        rows = order[begin:begin + batch_size]
+        width = batching_lib.bucket_of(
+            int(batching_lib.used_lengths(tokens_in[rows]).max()), buckets)
+        batch_tokens, batch_keys = _fill_rows(
+            batch_size, tokens_in[rows, :width], keys[rows])
+        batch_out = self._decode_in_halves(decode, batch_tokens, batch_keys)
+        parts.append(tuple(x[:len(rows)] for x in batch_out))
+      tokens, scores = (np.concatenate(x) for x in zip(*parts))
+    unsorted = np.empty_like(order)
+    unsorted[order] = np.arange(count)
+    tokens, scores = tokens[unsorted], scores[unsorted]
+    if not config.return_all_decodes:
+      tokens, scores = tokens[:, -1], scores[:, -1]
+    return (tokens, scores) if return_scores else tokens
+
+  def _decode_continuously(self, tokens: np.ndarray, keys: np.ndarray, *,
+                           batch_size: int, group: int, **settings):
+    """continuous_decode of the examples (sorted by length) in a queue
+    padded to `batching.queue_size` rows; with the concurrent halves, two
+    queues of alternate examples, each with half the rows, run at once."""
+    def run(tokens_and_keys, slots):
+      part_tokens, part_keys = tokens_and_keys
+      size = batching_lib.queue_size(len(part_tokens), slots)
+      queue_tokens, queue_keys = _fill_rows(size, part_tokens, part_keys,
+                                            repeat=False)
+      with self._placement():
+        out = self._continuous(
+            self.variables, *self._place_batch(queue_tokens, queue_keys),
+            np.int32(len(part_tokens)), slots=slots,
+            argmax_screen=self.argmax_screen,
+            group=min(group, slots), **settings)
+        return tuple(np.asarray(x)[:len(part_tokens)] for x in out)
+
+    if not (self.concurrent_halves and batch_size % 2 == 0 and
+            batch_size >= _MIN_EXAMPLES_TO_HALVE and len(tokens) > 1):
+      return run((tokens, keys), batch_size)
+    if self._halves_pool is None:
+      self._halves_pool = concurrent.futures.ThreadPoolExecutor(
+          2, thread_name_prefix='t5beam-decode')
+    halves = list(self._halves_pool.map(
+        lambda part: run(part, batch_size // 2),
+        [(tokens[0::2], keys[0::2]), (tokens[1::2], keys[1::2])]))
+    merged = []
+    for first, second in zip(*halves):
+      both = np.empty((len(tokens),) + first.shape[1:], first.dtype)
+      both[0::2], both[1::2] = first, second
+      merged.append(both)
+    return tuple(merged)
+
+  def score_examples(self, features: Batch, *, batch_size: int,
+                     batching: batching_lib.Batching = batching_lib.Batching()
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+    """`score_batch(..., return_token_scores=True)` over any number of
+    examples (stacked features), in batches of `batch_size` rows: with
+    'length' or 'continuous' batching sorted by input length, inputs and
+    targets each cut to the smallest bucket holding the batch."""
+    arrays = {name: np.asarray(features[name], np.int32) for name in
+              ('encoder_input_tokens', 'decoder_input_tokens',
+               'decoder_target_tokens')}
+    arrays['decoder_loss_weights'] = np.asarray(
+        features['decoder_loss_weights'] if 'decoder_loss_weights' in features
+        else arrays['decoder_target_tokens'] > 0, np.int32)
+    count, target_len = arrays['decoder_target_tokens'].shape
+    in_buckets = batching.buckets(arrays['encoder_input_tokens'].shape[1])
+    target_buckets = batching.buckets(target_len)
+    order = (np.arange(count) if batching.mode == 'static' else
+             batching_lib.length_order(arrays['encoder_input_tokens']))
+    scores = np.zeros(count, np.float32)
+    token_scores = np.zeros((count, target_len), np.float32)
+    for begin in range(0, count, batch_size):
+      rows = order[begin:begin + batch_size]
+      width = batching_lib.bucket_of(int(batching_lib.used_lengths(
+          arrays['encoder_input_tokens'][rows]).max()), in_buckets)
+      # Positions past the last weighted one add nothing to any score.
+      target_width = batching_lib.bucket_of(int(batching_lib.used_lengths(
+          arrays['decoder_loss_weights'][rows]).max()), target_buckets)
+      batch = {name: _fill_rows(batch_size, array[rows, :(
+          width if name == 'encoder_input_tokens' else target_width)])[0]
+               for name, array in arrays.items()}
+      batch_scores, batch_token_scores = self.score_batch(
+          batch, return_token_scores=True)
+      scores[rows] = batch_scores[:len(rows)]
+      token_scores[rows, :target_width] = batch_token_scores[:len(rows)]
+    return scores, token_scores
+
   def score_batch(self, batch: Batch, *, return_token_scores: bool = False
                   ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Log-likelihood of `decoder_target_tokens` per example, [batch].
@@ -273,6 +399,20 @@ class InferenceModel:
       token_scores = np.asarray(self._score(self.variables, *arrays))
     scores = token_scores.sum(axis=-1)
     return (scores, token_scores) if return_token_scores else scores
+
+
+def _fill_rows(rows: int, *arrays: np.ndarray, repeat: bool = True):
+  """Each array filled up to `rows` rows, by repeating its first row (the
+  model's work on them is dropped) or with zeros."""
+  filled = []
+  for array in arrays:
+    missing = rows - len(array)
+    if missing > 0:
+      extra = (np.repeat(array[:1], missing, axis=0) if repeat else
+               np.zeros((missing,) + array.shape[1:], array.dtype))
+      array = np.concatenate([array, extra])
+    filled.append(array)
+  return tuple(filled)
 
 
 def _mesh(partitioning: Optional[partitioning_lib.Partitioning],

@@ -549,14 +549,27 @@ class Transformer(nn.Module):
     self_bias_table is `decoder_self_bias(cache_length)`, computed once per
     batch; this step slices out its row for `index`.
     """
-    x = self.token_embedder(tokens[:, None])  # [batch, 1, d_model]
     heads, length, _ = self_bias_table.shape
     # [heads, 1, length] -> [1, heads, 1, length]
     row = jax.lax.dynamic_slice(self_bias_table, (0, index, 0),
                                 (heads, 1, length))[None]
+    return self.decode_step_biased(tokens, index, cache, row, cross,
+                                   encoder_mask, return_hidden)
+
+  def decode_step_biased(self, tokens: Array, index: Array,
+                         cache: List[KeyValue], self_bias: Array,
+                         cross: List[KeyValue], encoder_mask: Array,
+                         return_hidden: bool = False
+                         ) -> Tuple[Array, List[KeyValue]]:
+    """`decode_step` with the self-attention bias over the cache given,
+    broadcastable to [batch, heads, 1, cache_length]: the step's keys and
+    values are written at cache position `index` (one for every row), and
+    each row may read the cache its own way (continuous batching keeps the
+    cache as a ring whose rows began at different steps)."""
+    x = self.token_embedder(tokens[:, None])  # [batch, 1, d_model]
     # [batch, in_len] -> [batch, 1, 1, in_len]
     cross_bias = jnp.where(encoder_mask, 0.0, MASK_VALUE)[:, None, None, :]
-    outputs, cache = self.decoder.step(x, index, cache, row, cross,
+    outputs, cache = self.decoder.step(x, index, cache, self_bias, cross,
                                        cross_bias, self.token_embedder.table(),
                                        return_hidden)
     return outputs[:, 0, :], cache

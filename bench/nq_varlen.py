@@ -1,0 +1,190 @@
+"""Benchmark "nq-varlen": batching on varied lengths, against transformers.
+
+T5 1.1 small (as nq-small-greedy: random weights shared by every side),
+but inputs and answers of varied length, as real questions and answers are:
+input lengths round(exp(N(2.5, 0.55))) clipped to 4..64 tokens (the last
+one EOS), padded to a feature length of 64; the output layer's EOS row is
+scaled (--eos_scale) so that greedy answers end anywhere from 1 token to
+the 32-token limit, most of them short (the histogram is printed). Greedy,
+float32 by default.
+
+Sides, all in this process on the same threads: ours with static batching
+(T5X's: every input padded to 64, each batch decoded until its longest
+answer ends), length-aware batching and continuous batching (see
+`model.batching`), each over all the examples as one chunk; and
+transformers' greedy `generate`, which pads each batch to its longest input
+and stops when all its rows have ended. Each side runs --rounds rounds
+(the first includes compiling); its best round is reported, in examples/s
+and decoded tokens/s. Every side's tokens are compared with transformers':
+the count of differing sequences, and how many of those first differ at a
+near-tie (the two tokens' float32 logits, teacher-forced in transformers,
+within --near_tie of each other). Not a test: run it by hand.
+
+    .venv/bin/python bench/nq_varlen.py [--examples 2048] [--batch_sizes 32,128]
+        [--dtype bfloat16] [--modes static,length,continuous]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model import runtime  # pylint: disable=g-import-not-at-top
+
+runtime.configure_xla_cpu()  # before JAX starts
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import torch
+
+from bench.nq_small_greedy import cpu_report
+from model import checkpoints, config as config_lib
+from model.batching import Batching
+from model.inference import InferenceModel
+from tests import reference
+
+FEATURE_LENGTH = 64
+DECODE_LENGTH = 32
+TRANSFORMERS = 'transformers'
+
+
+def varlen_inputs(rng: np.random.Generator, count: int,
+                  vocab_size: int) -> np.ndarray:
+  """[count, 64] int32: random ids, each input ending in EOS (1), lengths
+  round(exp(N(2.5, 0.55))) clipped to 4..64, 0-padded."""
+  lengths = np.clip(np.round(np.exp(rng.normal(2.5, 0.55, count))), 4,
+                    FEATURE_LENGTH).astype(int)
+  tokens = rng.integers(2, vocab_size,
+                        size=(count, FEATURE_LENGTH)).astype(np.int32)
+  tokens[np.arange(count), lengths - 1] = 1
+  tokens[np.arange(FEATURE_LENGTH)[None, :] >= lengths[:, None]] = 0
+  return tokens
+
+
+def answer_lengths(tokens: np.ndarray) -> np.ndarray:
+  return (tokens > 0).sum(axis=1)
+
+
+def transformers_decode(hf_model, inputs, batch_size):
+  """transformers' greedy generate, batch by batch in the given order, each
+  batch cut to its longest input: tokens [count, 32], 0 after EOS."""
+  out = np.zeros((len(inputs), DECODE_LENGTH), np.int32)
+  for begin in range(0, len(inputs), batch_size):
+    batch = inputs[begin:begin + batch_size]
+    width = int((batch > 0).sum(axis=1).max())
+    ids = torch.from_numpy(batch[:, :width].astype(np.int64))
+    with torch.no_grad():
+      generated = hf_model.generate(
+          input_ids=ids, attention_mask=ids > 0, do_sample=False,
+          num_beams=1, use_cache=True, max_new_tokens=DECODE_LENGTH,
+          eos_token_id=1, pad_token_id=0).numpy()[:, 1:]
+    # Rows that ended early are padded with 0 after their EOS.
+    out[begin:begin + len(batch), :generated.shape[1]] = generated
+  return out
+
+
+def first_difference_gaps(hf_model, inputs, ours, theirs):
+  """For every row where the two decodes differ: |logit(our token) -
+  logit(their token)| at the first differing position, both logits
+  teacher-forced in transformers on the common prefix (float32)."""
+  gaps = []
+  for row in np.flatnonzero((ours != theirs).any(axis=1)):
+    position = int(np.argmax(ours[row] != theirs[row]))
+    prefix = np.concatenate([[0], theirs[row, :position]]).astype(np.int64)
+    ids = torch.from_numpy(inputs[row:row + 1].astype(np.int64))
+    with torch.no_grad():
+      logits = hf_model.float()(
+          input_ids=ids, attention_mask=ids > 0,
+          decoder_input_ids=torch.from_numpy(prefix[None])).logits[0, -1]
+    gaps.append(abs(float(logits[ours[row, position]] -
+                          logits[theirs[row, position]])))
+  return np.array(gaps)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--examples', type=int, default=2048)
+  parser.add_argument('--batch_sizes', default='32,128')
+  parser.add_argument('--rounds', type=int, default=2)
+  parser.add_argument('--modes', default='static,length,continuous')
+  parser.add_argument('--refill_group', type=int, default=None)
+  parser.add_argument('--eos_scale', type=float, default=4.0)
+  parser.add_argument('--near_tie', type=float, default=1e-3,
+                      help='largest logit gap counted as a near-tie')
+  parser.add_argument('--skip_transformers', action='store_true')
+  parser.add_argument('--dtype', default='float32',
+                      choices=('float32', 'bfloat16'))
+  args = parser.parse_args()
+
+  config = config_lib.preset('t5_1_1_small')
+  hf_model = reference.make_reference(config, seed=0)
+  with torch.no_grad():
+    hf_model.lm_head.weight[1] *= args.eos_scale
+  tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+  params = checkpoints.params_from_huggingface(config, tensors)
+  if args.dtype == 'bfloat16':
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    config = config.replace(dtype='bfloat16')
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
+  model = InferenceModel(config, params)
+  reference_model = hf_model
+  if args.dtype == 'bfloat16':
+    hf_model = hf_model.to(torch.bfloat16)
+  print(cpu_report(model))
+  inputs = varlen_inputs(np.random.default_rng(0), args.examples,
+                         config.vocab_size)
+  input_lengths = answer_lengths(inputs)
+  print(f'nq-varlen: {args.examples} examples, input lengths median '
+        f'{np.median(input_lengths):.0f} (min {input_lengths.min()}, max '
+        f'{input_lengths.max()}) padded to {FEATURE_LENGTH}, at most '
+        f'{DECODE_LENGTH} decoded, EOS row x{args.eos_scale}, {args.dtype}; '
+        f'torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}')
+
+  for batch_size in [int(b) for b in args.batch_sizes.split(',')]:
+    sides = {}
+    for mode in args.modes.split(','):
+      batching = Batching(mode, refill_group=args.refill_group)
+      sides[mode] = (lambda batching: lambda: model.predict_examples(
+          inputs, batch_size=batch_size, max_length=DECODE_LENGTH,
+          batching=batching))(batching)
+    if not args.skip_transformers:
+      sides[TRANSFORMERS] = lambda: transformers_decode(hf_model, inputs,
+                                                        batch_size)
+    seconds = {name: [] for name in sides}
+    tokens = {}
+    for _ in range(args.rounds):
+      for name, run in sides.items():
+        start = time.perf_counter()
+        tokens[name] = np.asarray(run())
+        seconds[name].append(time.perf_counter() - start)
+    lengths = answer_lengths(next(iter(tokens.values())))
+    histogram = np.bincount(lengths, minlength=DECODE_LENGTH + 1)[1:]
+    print(f'batch {batch_size}: answer lengths 1..{DECODE_LENGTH}: '
+          f'{" ".join(str(c) for c in histogram)} (median '
+          f'{np.median(lengths):.0f}, mean {lengths.mean():.1f})')
+    base = min(seconds.get(TRANSFORMERS, [np.nan]))
+    static = min(seconds.get('static', [np.nan]))
+    for name in sides:
+      best = min(seconds[name])
+      decoded = answer_lengths(tokens[name]).sum()
+      line = (f'  {name:12s} {args.examples / best:7.1f} ex/s '
+              f'{decoded / best:8.0f} tok/s (rounds '
+              f'{", ".join(f"{s:.1f}" for s in seconds[name])} s)')
+      if name != TRANSFORMERS:
+        line += f'  x{static / best:.2f} static'
+        if TRANSFORMERS in tokens:
+          line += f'  x{base / best:.2f} transformers'
+          differ = (tokens[name] != tokens[TRANSFORMERS]).any(axis=1)
+          gaps = first_difference_gaps(reference_model, inputs,
+                                       tokens[name], tokens[TRANSFORMERS])
+          line += (f'; differing from transformers: {differ.sum()} of '
+                   f'{len(differ)} ({(gaps <= args.near_tie).sum()} at a '
+                   f'near-tie; largest gap '
+                   f'{gaps.max() if len(gaps) else 0:.2g})')
+      print(line, flush=True)
+
+
+if __name__ == '__main__':
+  main()
