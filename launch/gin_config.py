@@ -195,6 +195,8 @@ def infer(*,  # pylint: disable=invalid-name
           compilation_cache_dir: Optional[str] = None,
           metrics_tensorboard_dir: Optional[str] = None,
           max_bad_records: int = 0,
+          batching: str = 'continuous',
+          length_buckets: Optional[Sequence[int]] = None,
           # T5X's infer() parameters (t5x/configs/runs/infer.gin binds some).
           shard_id: int = 0,
           num_shards: int = 1,
@@ -256,6 +258,9 @@ def infer(*,  # pylint: disable=invalid-name
       return_intermediates=return_intermediates,
       seed=seed,
       partitioning=partitioner or Partitioning(),
+      batching=batching,
+      length_buckets=(tuple(length_buckets) if length_buckets is not None
+                      else None),
       compilation_cache_dir=compilation_cache_dir)
   return InferConfig(
       mixture_or_task_name=task_name,

@@ -10,9 +10,10 @@ float32 summation order, so near-ties aside):
 - 'static': batches of `batch_size` in the given order, every input padded
   to its feature length, each batch decoded until its longest answer ends
   (T5X's way).
-- 'length': the examples sorted by input length, each batch run at the
-  smallest of a few padded lengths (`length_buckets`) that holds it; the
-  results go back in the given order. One compilation per bucket used.
+- 'length': each example padded only to the smallest of a few lengths
+  (`length_buckets`) that holds its input, batches made of examples of the
+  same bucket; the results go back in the given order. One compilation per
+  bucket used, and an example's result does not depend on its batch.
 - 'continuous': sorted the same way, then decoded by `batch_size` rows that
   never wait for each other: a row whose answer ends takes the next
   example (`model.decoding.continuous_decode`). Greedy decoding and
@@ -109,6 +110,20 @@ def bucket_of(length: int, buckets: Tuple[int, ...]) -> int:
 def length_order(tokens: np.ndarray) -> np.ndarray:
   """Row indices by increasing used length, ties in the given order."""
   return np.argsort(used_lengths(tokens), kind='stable')
+
+
+def bucket_batches(widths: np.ndarray, batch_size: int):
+  """Batches of row indices: rows grouped by their width (each row's own
+  bucket), in increasing width, then cut into batches of `batch_size` (a
+  group's last batch may be short); yields (width, rows). Since a row's
+  batch has its own width, what the model computes for it does not depend
+  on the other rows of the batch."""
+  order = np.argsort(widths, kind='stable')
+  sorted_widths = widths[order]
+  for width in np.unique(sorted_widths):
+    group = order[sorted_widths == width]
+    for begin in range(0, len(group), batch_size):
+      yield int(width), group[begin:begin + batch_size]
 
 
 def queue_size(count: int, slots: int) -> int:

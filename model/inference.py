@@ -279,33 +279,32 @@ class InferenceModel:
     buckets = batching.buckets(in_len)
     scored = return_scores or config.strategy != 'greedy'
     eos_id = self.config.eos_id if stop_at_eos else None
-    order = (np.arange(count) if mode == 'static'
-             else batching_lib.length_order(tokens_in))
     if mode == 'continuous':
-      tokens, scores = self._decode_continuously(
+      order = batching_lib.length_order(tokens_in)
+      sorted_tokens, sorted_scores = self._decode_continuously(
           tokens_in[order], keys[order], batch_size=batch_size,
           group=batching.group(batch_size), buckets=buckets,
           max_length=max_length, eos_id=eos_id, config=config,
           return_scores=scored)
-      tokens, scores = tokens[:, None], scores[:, None]
+      tokens = np.zeros((count, 1, max_length), np.int32)
+      scores = np.zeros((count, 1), np.float32)
+      tokens[order, 0], scores[order, 0] = sorted_tokens, sorted_scores
     else:
       decode = functools.partial(
           self._decode, self.variables, max_length=max_length,
           eos_id=eos_id, config=config, return_scores=scored,
           argmax_screen=self.argmax_screen)
-      parts = []
-      for begin in range(0, count, batch_size):
-        rows = order[begin:begin + batch_size]
-        width = batching_lib.bucket_of(
-            int(batching_lib.used_lengths(tokens_in[rows]).max()), buckets)
+      widths = np.array([batching_lib.bucket_of(int(n), buckets) for n in
+                         batching_lib.used_lengths(tokens_in)])
+      tokens = scores = None
+      for width, rows in batching_lib.bucket_batches(widths, batch_size):
         batch_tokens, batch_keys = _fill_rows(
             batch_size, tokens_in[rows, :width], keys[rows])
         batch_out = self._decode_in_halves(decode, batch_tokens, batch_keys)
-        parts.append(tuple(x[:len(rows)] for x in batch_out))
-      tokens, scores = (np.concatenate(x) for x in zip(*parts))
-    unsorted = np.empty_like(order)
-    unsorted[order] = np.arange(count)
-    tokens, scores = tokens[unsorted], scores[unsorted]
+        if tokens is None:
+          tokens = np.zeros((count,) + batch_out[0].shape[1:], np.int32)
+          scores = np.zeros((count,) + batch_out[1].shape[1:], np.float32)
+        tokens[rows], scores[rows] = (x[:len(rows)] for x in batch_out)
     if not config.return_all_decodes:
       tokens, scores = tokens[:, -1], scores[:, -1]
     return (tokens, scores) if return_scores else tokens
@@ -348,9 +347,10 @@ class InferenceModel:
                      batching: batching_lib.Batching = batching_lib.Batching()
                      ) -> Tuple[np.ndarray, np.ndarray]:
     """`score_batch(..., return_token_scores=True)` over any number of
-    examples (stacked features), in batches of `batch_size` rows: with
-    'length' or 'continuous' batching sorted by input length, inputs and
-    targets each cut to the smallest bucket holding the batch."""
+    examples (stacked features), in batches of `batch_size` rows: unless
+    batching is 'static', each example's inputs and targets are cut to the
+    smallest buckets holding them, and batches group examples of the same
+    buckets (so an example's scores do not depend on its batch)."""
     arrays = {name: np.asarray(features[name], np.int32) for name in
               ('encoder_input_tokens', 'decoder_input_tokens',
                'decoder_target_tokens')}
@@ -360,17 +360,18 @@ class InferenceModel:
     count, target_len = arrays['decoder_target_tokens'].shape
     in_buckets = batching.buckets(arrays['encoder_input_tokens'].shape[1])
     target_buckets = batching.buckets(target_len)
-    order = (np.arange(count) if batching.mode == 'static' else
-             batching_lib.length_order(arrays['encoder_input_tokens']))
+    # Each example at its own input and target buckets (positions past the
+    # last weighted target add nothing to any score).
+    in_widths = [batching_lib.bucket_of(int(n), in_buckets) for n in
+                 batching_lib.used_lengths(arrays['encoder_input_tokens'])]
+    target_widths = [batching_lib.bucket_of(int(n), target_buckets) for n in
+                     batching_lib.used_lengths(arrays['decoder_loss_weights'])]
+    pairs = np.array([w * (target_len + 1) + t
+                      for w, t in zip(in_widths, target_widths)])
     scores = np.zeros(count, np.float32)
     token_scores = np.zeros((count, target_len), np.float32)
-    for begin in range(0, count, batch_size):
-      rows = order[begin:begin + batch_size]
-      width = batching_lib.bucket_of(int(batching_lib.used_lengths(
-          arrays['encoder_input_tokens'][rows]).max()), in_buckets)
-      # Positions past the last weighted one add nothing to any score.
-      target_width = batching_lib.bucket_of(int(batching_lib.used_lengths(
-          arrays['decoder_loss_weights'][rows]).max()), target_buckets)
+    for pair, rows in batching_lib.bucket_batches(pairs, batch_size):
+      width, target_width = divmod(pair, target_len + 1)
       batch = {name: _fill_rows(batch_size, array[rows, :(
           width if name == 'encoder_input_tokens' else target_width)])[0]
                for name, array in arrays.items()}

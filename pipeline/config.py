@@ -14,8 +14,10 @@ from pipeline.layout import TaskLayout
 # identity (its files' names, sizes and versions) is part of the fingerprint,
 # and a shard of several plain input files reads them one after another;
 # 4: products accumulate in float32 with bfloat16 activations (their
-# outputs were bfloat16 sums before), and bad input records are skipped.
-FINGERPRINT_VERSION = 4
+# outputs were bfloat16 sums before), and bad input records are skipped;
+# 5: continuous or length-aware batching by default (a chunk's examples run
+# in other batch shapes: near-ties may differ).
+FINGERPRINT_VERSION = 5
 
 # num_output_shards='auto' aims at output files of this size.
 AUTO_OUTPUT_SHARD_BYTES = 1 << 30

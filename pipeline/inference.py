@@ -13,8 +13,10 @@ they give the same record.
 
 `features` are one dict of int arrays per example, as SeqIO's
 `EncDecFeatureConverter` gives them (`model_features` builds the same from
-token ids). Batches are padded to `spec.batch_size` rows, so each shape
-compiles once; the padding never reaches a record.
+token ids). A chunk's examples go to the model in one call, which cuts
+them into model calls of `spec.batch_size` rows by `spec.batching`
+(`model.batching`: continuous, length-aware or static); the padding never
+reaches a record, and records come back in the examples' order.
 
 Sampling keys: every example draws from its own key, derived from the seed
 and the example's identity (never from its batch or row), so resumed,
@@ -24,6 +26,7 @@ key, or its content.
 """
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -33,6 +36,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from model import batching as batching_lib
 from model.config import DEFAULT_RESTORE_DTYPE, T5Config
 from model.decoding import DecodingConfig
 from model.partitioning import Partitioning
@@ -61,6 +65,13 @@ class ModelSpec:
   example's identity).
   partitioning: T5X's PjitPartitioner settings; the model runs on a
   ('data', 'model') mesh of every local device of the worker.
+  batching: how a chunk's examples become model calls of `batch_size` rows
+  (`model.batching`): 'continuous' (default: rows take the next example as
+  soon as theirs ends; beam search, several decodes and scoring fall back
+  to 'length'), 'length' (sorted by input length, each batch at the
+  smallest of `length_buckets` holding it) or 'static' (T5X's). Each
+  example's record is the same in every mode, up to float32 summation
+  order (near-ties).
   """
   checkpoint_path: str
   task_feature_lengths: Mapping[str, int]
@@ -74,6 +85,8 @@ class ModelSpec:
   return_intermediates: bool = False
   seed: int = 0
   partitioning: Partitioning = Partitioning()
+  batching: str = 'continuous'
+  length_buckets: Optional[Tuple[int, ...]] = None
   # JAX's persistent compilation cache (a local or gs:// directory; None:
   # ~/.cache/t5beam on the worker; '': off). It never changes outputs, so it
   # is not in the fingerprint.
@@ -90,6 +103,16 @@ class ModelSpec:
       value = getattr(self, name)
       if value is not None and value not in DTYPES:
         raise ValueError(f'{name} {value!r} is not one of {DTYPES}')
+    if self.batching not in batching_lib.MODES:
+      raise ValueError(f'batching (infer.batching) {self.batching!r} is not '
+                       f'one of {batching_lib.MODES}')
+    if self.length_buckets is not None:
+      if any(int(b) < 1 for b in self.length_buckets):
+        raise ValueError(f'length_buckets (infer.length_buckets) '
+                         f'{tuple(self.length_buckets)} must be positive '
+                         'token counts')
+      object.__setattr__(self, 'length_buckets',
+                         tuple(sorted({int(b) for b in self.length_buckets})))
     for feature in ('inputs', 'targets'):
       if feature not in self.task_feature_lengths:
         raise ValueError(
@@ -104,6 +127,13 @@ class ModelSpec:
   @property
   def target_length(self) -> int:
     return int(self.task_feature_lengths['targets'])
+
+  def batching_plan(self) -> batching_lib.Batching:
+    """The batching that runs (continuous falls back to length-aware where
+    it does not apply)."""
+    return batching_lib.Batching(
+        batching_lib.effective_mode(self.batching, self.mode, self.decoding),
+        self.length_buckets)
 
   def fingerprint_fields(self) -> Dict[str, Any]:
     """The settings that decide what the model writes."""
@@ -124,6 +154,10 @@ class ModelSpec:
         # The model axis and rules decide how sums split over devices (their
         # order, so near-ties); the data axis is whatever the worker has.
         'partitioning': self.partitioning.to_dict(),
+        # Batch shapes decide float32 summation order (near-ties).
+        'batching': self.batching_plan().mode,
+        'length_buckets': list(self.batching_plan().buckets(
+            self.input_length)),
     }
 
 
@@ -242,25 +276,30 @@ class LoadedModel:
       self._load_reported = True
       return self.load_seconds + self.compile_seconds
 
-  def run(self, batch: Mapping[str, np.ndarray],
+  def run(self, features: Mapping[str, np.ndarray],
           example_keys: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
-    """Runs one batch of `spec.batch_size` rows in the spec's mode:
-    {'tokens'} (predict), {'tokens', 'scores'} (predict_with_aux), or
-    {'scores', 'token_scores', 'weights'} (score)."""
+    """Runs the examples (features stacked [examples, ...], any number) in
+    the spec's mode and batching: {'tokens'} (predict), {'tokens',
+    'scores'} (predict_with_aux), or {'scores', 'token_scores', 'weights'}
+    (score), one row per example in the given order. `example_keys`
+    [examples, 2]: each example's sampling key."""
     spec = self.spec
+    batching = spec.batching_plan()
     if spec.mode == 'score':
-      scores, token_scores = self.model.score_batch(batch,
-                                                    return_token_scores=True)
+      scores, token_scores = self.model.score_examples(
+          features, batch_size=spec.batch_size, batching=batching)
       return {'scores': scores, 'token_scores': token_scores,
-              'weights': np.asarray(batch['decoder_loss_weights'])}
+              'weights': np.asarray(features['decoder_loss_weights'])}
     rng = example_keys if spec.decoding.needs_rng else None
+    predict = functools.partial(
+        self.model.predict_examples, features['encoder_input_tokens'],
+        batch_size=spec.batch_size, max_length=spec.target_length,
+        decoding=spec.decoding, rng=rng, batching=batching)
     if spec.mode == 'predict':
       # Records carry no scores, and greedy decoding is faster without them
       # (model.screened_argmax).
-      return {'tokens': self.model.predict_batch(
-          batch, decoding=spec.decoding, rng=rng)}
-    tokens, scores = self.model.predict_batch(
-        batch, return_scores=True, decoding=spec.decoding, rng=rng)
+      return {'tokens': predict()}
+    tokens, scores = predict(return_scores=True)
     return {'tokens': tokens, 'scores': scores}
 
 
@@ -345,33 +384,27 @@ def infer_examples(model, spec: ModelSpec, vocabulary,
 
   `model` is a LoadedModel (or Beam's proxy of one); `features` one dict of
   arrays per example, or one dict of arrays stacked [examples, ...] (a
-  chunk); batches of `spec.batch_size` in order; `identities` give the
-  sampling keys. `after_batch(batch_index)` runs after each batch (the
-  pipeline's fault injection for tests of retries)."""
+  chunk), all run in one call by the spec's batching (batches of
+  `spec.batch_size` rows); `identities` give the sampling keys.
+  `after_batch(0)` runs after the model and before the records are made
+  (the pipeline's fault injection for tests of retries)."""
   stacked = isinstance(features, Mapping)
   count = len(features[FEATURES[0]]) if stacked else len(features)
-  needs_keys = spec.decoding.needs_rng and spec.mode != 'score'
-  inferences: List[Dict[str, Any]] = []
+  if not count:
+    return [], 0
+  if stacked:
+    arrays = {name: np.asarray(features[name], np.int32) for name in FEATURES}
+  else:
+    arrays = stack_batch(features, count)
+  keys = None
+  if spec.decoding.needs_rng and spec.mode != 'score':
+    keys = np.stack([example_key(spec.seed, identity)
+                     for identity in identities])
+  outputs = model.run(arrays, keys)
+  if after_batch is not None:
+    after_batch(0)
   decoded_tokens = 0
-  for index, begin in enumerate(range(0, count, spec.batch_size)):
-    end = min(begin + spec.batch_size, count)
-    if stacked:
-      batch = pad_batch({name: features[name][begin:end]
-                         for name in FEATURES}, spec.batch_size)
-    else:
-      batch = stack_batch(features[begin:end], spec.batch_size)
-    keys = None
-    if needs_keys:
-      keys = np.stack([example_key(spec.seed, identity) for identity in
-                       identities[begin:end]])
-      keys = np.concatenate(
-          [keys, np.repeat(keys[:1], spec.batch_size - (end - begin),
-                           axis=0)])
-    outputs = model.run(batch, keys)
-    if after_batch is not None:
-      after_batch(index)
-    if 'tokens' in outputs:
-      decoded_tokens += int(np.sum(outputs['tokens'][:end - begin] > 0))
-    for row in range(end - begin):
-      inferences.append(_inference(spec, vocabulary, outputs, row))
-  return inferences, decoded_tokens
+  if 'tokens' in outputs:
+    decoded_tokens = int(np.sum(outputs['tokens'] > 0))
+  return [_inference(spec, vocabulary, outputs, row)
+          for row in range(count)], decoded_tokens
