@@ -4,12 +4,14 @@ Each reference model is random, saved with `save_pretrained` and read back
 by our Hugging Face checkpoint reader, so the reader is under test too.
 """
 
+import jax
 import numpy as np
 import pytest
 import torch
 from transformers.models.t5 import modeling_t5
 
 from model import checkpoints
+from model.batching import Batching
 from model.config import T5Config
 from model.decoding import DecodingConfig
 from model.inference import InferenceModel
@@ -262,3 +264,100 @@ def test_every_product_accumulates_in_float32(dtype):
   for operands, result in dots:
     assert result.endswith('xf32>'), (operands, result)
     assert operands.count(f'x{short}>') == 2, (operands, result)
+
+
+# --- batching: length-aware and continuous against static and transformers --
+
+
+def _examples_in_varied_order(inputs):
+  """The parity inputs shuffled, so lengths are not in order and a model
+  call that loses the given order shows."""
+  encoder, _, _ = inputs
+  return encoder[np.random.default_rng(3).permutation(len(encoder))]
+
+
+@pytest.mark.parametrize('mode', ['static', 'length', 'continuous'])
+def test_every_batching_mode_decodes_as_transformers(pair, inputs, mode):
+  # 64 examples through 16 rows: continuous batching refills rows as their
+  # sequences end (the T5 1.1-style model ends them at varied steps).
+  hf, ours, _, _ = pair
+  encoder = _examples_in_varied_order(inputs)
+  tokens, scores = ours.predict_examples(
+      encoder, batch_size=16, max_length=TARGET_LENGTH, return_scores=True,
+      batching=Batching(mode))
+  _assert_token_identical(tokens, ref.hf_greedy(hf, encoder, TARGET_LENGTH))
+  static_tokens, static_scores = ours.predict_batch(
+      {'encoder_input_tokens': encoder}, max_length=TARGET_LENGTH,
+      return_scores=True)
+  np.testing.assert_array_equal(tokens, static_tokens)
+  np.testing.assert_allclose(scores, static_scores, rtol=1e-5, atol=0)
+
+
+def test_length_aware_beam_search_and_scoring_equal_static(tmp_path_factory,
+                                                           inputs):
+  hf, ours, _, _ = _make_pair('t5_1_1_style', tmp_path_factory)
+  encoder = _examples_in_varied_order(inputs)
+  beam = DecodingConfig('beam_search', num_decodes=3, return_all_decodes=True)
+  results = {
+      mode: ours.predict_examples(encoder, batch_size=16,
+                                  max_length=TARGET_LENGTH,
+                                  return_scores=True, decoding=beam,
+                                  batching=Batching(mode))
+      for mode in ('static', 'continuous')}  # continuous: length-aware here
+  np.testing.assert_array_equal(results['continuous'][0],
+                                results['static'][0])
+  np.testing.assert_allclose(results['continuous'][1], results['static'][1],
+                             rtol=1e-5, atol=0)
+  assert results['static'][0].shape == (BATCH, 3, TARGET_LENGTH)
+
+  _, decoder_inputs, decoder_targets = inputs
+  weights = (decoder_targets > 0).astype(np.int32)
+  features = dict(encoder_input_tokens=encoder,
+                  decoder_input_tokens=decoder_inputs,
+                  decoder_target_tokens=decoder_targets,
+                  decoder_loss_weights=weights)
+  scored = {mode: ours.score_examples(features, batch_size=16,
+                                      batching=Batching(mode))
+            for mode in ('static', 'length')}
+  np.testing.assert_allclose(scored['length'][0], scored['static'][0],
+                             rtol=1e-5, atol=0)
+  np.testing.assert_allclose(scored['length'][1], scored['static'][1],
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      scored['length'][0],
+      ref.hf_scores(hf, encoder, decoder_inputs, decoder_targets, weights),
+      atol=1e-3, rtol=0)
+
+
+def test_samples_do_not_depend_on_batching(tmp_path_factory, inputs):
+  _, ours, _, _ = _make_pair('t5_1_1_style', tmp_path_factory)
+  encoder = _examples_in_varied_order(inputs)
+  keys = np.asarray(jax.random.split(jax.random.PRNGKey(5), BATCH))
+  sampling = DecodingConfig('temperature_sample', temperature=1.0, topk=0)
+  samples = {mode: ours.predict_examples(
+      encoder, batch_size=16, max_length=TARGET_LENGTH, decoding=sampling,
+      rng=keys, batching=Batching(mode))
+             for mode in ('static', 'length', 'continuous')}
+  np.testing.assert_array_equal(samples['length'], samples['static'])
+  np.testing.assert_array_equal(samples['continuous'], samples['static'])
+  greedy = ours.predict_batch({'encoder_input_tokens': encoder},
+                              max_length=TARGET_LENGTH)
+  assert (samples['static'] != greedy).any(axis=1).mean() > 0.5
+
+
+def test_compilations_are_bounded_by_the_buckets(tmp_path_factory, inputs):
+  # Inputs of every length 1..40: default buckets 8, 16, 24 and 40.
+  _make_pair('t5_1_1_style', tmp_path_factory)
+  model = InferenceModel.load(_PATHS['t5_1_1_style'], dtype='float32')
+  encoder = _examples_in_varied_order(inputs)
+  assert Batching('length').buckets(INPUT_LENGTH) == (8, 16, 24, 40)
+  for count in (BATCH, BATCH - 5):
+    model.predict_examples(encoder[:count], batch_size=16,
+                           max_length=TARGET_LENGTH,
+                           batching=Batching('length'))
+  assert model._decode._cache_size() == 4  # pylint: disable=protected-access
+  # Continuous: one program for every queue of up to 64 (4 x 16 rows).
+  for count in (BATCH, BATCH - 5, 49):
+    model.predict_examples(encoder[:count], batch_size=16,
+                           max_length=TARGET_LENGTH)
+  assert model._continuous._cache_size() == 1  # pylint: disable=protected-access
