@@ -13,9 +13,10 @@ Sides, all in this process on the same threads: ours with static batching
 answer ends), length-aware batching and continuous batching (see
 `model.batching`), each over all the examples as one chunk; and
 transformers' greedy `generate`, which pads each batch to its longest input
-and stops when all its rows have ended. Each side runs --rounds rounds
-(the first includes compiling); its best round is reported, in examples/s
-and decoded tokens/s. Every side's tokens are compared with transformers':
+and stops when all its rows have ended. Our sides compile first (on one
+example of each length bucket, and the queue's size); each side then runs
+--rounds rounds, alternating, and its best round is reported, in
+examples/s and decoded tokens/s. Every side's tokens are compared with transformers':
 the count of differing sequences, and how many of those first differ at a
 near-tie (the two tokens' float32 logits, teacher-forced in transformers,
 within --near_tie of each other). Not a test: run it by hand.
@@ -40,7 +41,7 @@ import torch
 
 from bench.nq_small_greedy import cpu_report
 from model import checkpoints, config as config_lib
-from model.batching import Batching
+from model.batching import Batching, bucket_of
 from model.inference import InferenceModel
 from tests import reference
 
@@ -106,13 +107,15 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--examples', type=int, default=2048)
   parser.add_argument('--batch_sizes', default='32,128')
-  parser.add_argument('--rounds', type=int, default=2)
+  parser.add_argument('--rounds', type=int, default=1)
   parser.add_argument('--modes', default='static,length,continuous')
   parser.add_argument('--refill_group', type=int, default=None)
   parser.add_argument('--eos_scale', type=float, default=4.0)
   parser.add_argument('--near_tie', type=float, default=1e-3,
                       help='largest logit gap counted as a near-tie')
   parser.add_argument('--skip_transformers', action='store_true')
+  parser.add_argument('--halves', default='auto', choices=('auto', 'on', 'off'),
+                      help='our concurrent halves (auto: the CPU default)')
   parser.add_argument('--dtype', default='float32',
                       choices=('float32', 'bfloat16'))
   args = parser.parse_args()
@@ -128,7 +131,8 @@ def main():
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     config = config.replace(dtype='bfloat16')
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
-  model = InferenceModel(config, params)
+  model = InferenceModel(config, params, concurrent_halves={
+      'auto': None, 'on': True, 'off': False}[args.halves])
   reference_model = hf_model
   if args.dtype == 'bfloat16':
     hf_model = hf_model.to(torch.bfloat16)
@@ -146,9 +150,16 @@ def main():
     sides = {}
     for mode in args.modes.split(','):
       batching = Batching(mode, refill_group=args.refill_group)
-      sides[mode] = (lambda batching: lambda: model.predict_examples(
-          inputs, batch_size=batch_size, max_length=DECODE_LENGTH,
-          batching=batching))(batching)
+      run = (lambda batching: lambda examples=inputs: model.predict_examples(
+          examples, batch_size=batch_size, max_length=DECODE_LENGTH,
+          batching=batching, queue_rows=len(inputs)))(batching)
+      # Compile first: one example of each length bucket (length-aware
+      # batching compiles a batch shape per bucket; continuous batching
+      # one program for the queue's size).
+      widths = [bucket_of(n, batching.buckets(FEATURE_LENGTH))
+                for n in input_lengths]
+      run(inputs[[widths.index(w) for w in sorted(set(widths))]])
+      sides[mode] = run
     if not args.skip_transformers:
       sides[TRANSFORMERS] = lambda: transformers_decode(hf_model, inputs,
                                                         batch_size)

@@ -264,13 +264,17 @@ class InferenceModel:
       max_length: int, return_scores: bool = False, stop_at_eos: bool = True,
       decoding: Optional[decoding_lib.DecodingConfig] = None,
       rng: Optional[jax.Array] = None,
-      batching: batching_lib.Batching = batching_lib.Batching()
+      batching: batching_lib.Batching = batching_lib.Batching(),
+      queue_rows: int = 0
   ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """`predict_batch` over any number of examples [count, in_len], cut
     into model calls of `batch_size` rows by `batching` (see
     `model.batching`); the results are in the given order. `rng`: one key,
     or one per example (then each example's samples depend on its key
-    alone, in every batching mode)."""
+    alone, in every batching mode). `queue_rows`: continuous batching
+    compiles one program per queue size, `batching.queue_size` of the
+    larger of count and this (the pipeline gives its chunk size, so its
+    last, shorter chunks reuse the program)."""
     config = decoding or decoding_lib.DecodingConfig()
     tokens_in = np.asarray(encoder_input_tokens, np.int32)
     count, in_len = tokens_in.shape
@@ -285,7 +289,7 @@ class InferenceModel:
           tokens_in[order], keys[order], batch_size=batch_size,
           group=batching.group(batch_size), buckets=buckets,
           max_length=max_length, eos_id=eos_id, config=config,
-          return_scores=scored)
+          return_scores=scored, queue_rows=queue_rows)
       tokens = np.zeros((count, 1, max_length), np.int32)
       scores = np.zeros((count, 1), np.float32)
       tokens[order, 0], scores[order, 0] = sorted_tokens, sorted_scores
@@ -310,13 +314,19 @@ class InferenceModel:
     return (tokens, scores) if return_scores else tokens
 
   def _decode_continuously(self, tokens: np.ndarray, keys: np.ndarray, *,
-                           batch_size: int, group: int, **settings):
+                           batch_size: int, group: int, queue_rows: int,
+                           **settings):
     """continuous_decode of the examples (sorted by length) in a queue
     padded to `batching.queue_size` rows; with the concurrent halves, two
     queues of alternate examples, each with half the rows, run at once."""
+    halves = (self.concurrent_halves and batch_size % 2 == 0 and
+              batch_size >= _MIN_EXAMPLES_TO_HALVE and len(tokens) > 1)
+
     def run(tokens_and_keys, slots):
       part_tokens, part_keys = tokens_and_keys
-      size = batching_lib.queue_size(len(part_tokens), slots)
+      size = batching_lib.queue_size(
+          max(len(part_tokens), -(-queue_rows // 2) if halves else
+              queue_rows), slots)
       queue_tokens, queue_keys = _fill_rows(size, part_tokens, part_keys,
                                             repeat=False)
       with self._placement():
@@ -327,8 +337,7 @@ class InferenceModel:
             group=min(group, slots), **settings)
         return tuple(np.asarray(x)[:len(part_tokens)] for x in out)
 
-    if not (self.concurrent_halves and batch_size % 2 == 0 and
-            batch_size >= _MIN_EXAMPLES_TO_HALVE and len(tokens) > 1):
+    if not halves:
       return run((tokens, keys), batch_size)
     if self._halves_pool is None:
       self._halves_pool = concurrent.futures.ThreadPoolExecutor(

@@ -94,7 +94,7 @@ class InferChunk(beam.DoFn):
     plan.prepare_tasks(self._config)
     spec = self._config.model
     self._model = self._model_handle.acquire(
-        lambda: inference.load_model(spec),
+        lambda: inference.load_model(spec, self._config.chunk_size),
         tag=f'{spec.checkpoint_path}:{self._fingerprint}')
     lock.worker_heartbeat(self._lock_ref)
     self._writer = concurrent.futures.ThreadPoolExecutor(
@@ -149,7 +149,8 @@ class InferChunk(beam.DoFn):
         self._model, config.model, self._vocabulary(task_name),
         data.features,
         [(task_name, shard, data.first + i) for i in range(len(data))],
-        after_batch=lambda _: _maybe_inject_fault(task_name, shard, chunk))
+        after_batch=lambda _: _maybe_inject_fault(task_name, shard, chunk),
+        queue_rows=config.chunk_size)
     seconds = time.perf_counter() - start
     self._wait_for_writes(MAX_PENDING_WRITES - 1)
     self._pending.append(self._writer.submit(self._write, path, data.inputs,

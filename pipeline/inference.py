@@ -277,12 +277,14 @@ class LoadedModel:
       return self.load_seconds + self.compile_seconds
 
   def run(self, features: Mapping[str, np.ndarray],
-          example_keys: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+          example_keys: Optional[np.ndarray] = None,
+          queue_rows: int = 0) -> Dict[str, np.ndarray]:
     """Runs the examples (features stacked [examples, ...], any number) in
     the spec's mode and batching: {'tokens'} (predict), {'tokens',
     'scores'} (predict_with_aux), or {'scores', 'token_scores', 'weights'}
     (score), one row per example in the given order. `example_keys`
-    [examples, 2]: each example's sampling key."""
+    [examples, 2]: each example's sampling key. `queue_rows`: the most
+    examples a call gives (see `InferenceModel.predict_examples`)."""
     spec = self.spec
     batching = spec.batching_plan()
     if spec.mode == 'score':
@@ -294,7 +296,8 @@ class LoadedModel:
     predict = functools.partial(
         self.model.predict_examples, features['encoder_input_tokens'],
         batch_size=spec.batch_size, max_length=spec.target_length,
-        decoding=spec.decoding, rng=rng, batching=batching)
+        decoding=spec.decoding, rng=rng, batching=batching,
+        queue_rows=queue_rows)
     if spec.mode == 'predict':
       # Records carry no scores, and greedy decoding is faster without them
       # (model.screened_argmax).
@@ -303,9 +306,11 @@ class LoadedModel:
     return {'tokens': tokens, 'scores': scores}
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
-  """Loads the checkpoint and compiles the spec's one batch shape (called
-  once per worker process)."""
+def load_model(spec: ModelSpec, queue_rows: int = 0) -> LoadedModel:
+  """Loads the checkpoint and compiles the spec's batch shape (the
+  continuous program for `queue_rows` examples, the pipeline's chunk size;
+  length-aware batching compiles each bucket when it is first used).
+  Called once per worker process."""
   from model import runtime  # pylint: disable=g-import-not-at-top
   runtime.configure_xla_cpu()  # a no-op once JAX runs in this process
   cache = runtime.enable_compilation_cache(
@@ -324,7 +329,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
   loaded = LoadedModel(spec, model, loaded_at - start, 0.0)
   warm_up = model_features([1], [1], spec)
   loaded.run(stack_batch([warm_up], spec.batch_size),
-             np.zeros((spec.batch_size, 2), np.uint32))
+             np.zeros((spec.batch_size, 2), np.uint32), queue_rows)
   loaded.compile_seconds = time.perf_counter() - loaded_at
   logging.info('t5beam: process %d loaded the model in %.1f s onto mesh %s '
                'and compiled batch shape %d in %.1f s (compilation cache: '
@@ -379,7 +384,8 @@ def _inference(spec: ModelSpec, vocabulary, outputs: Mapping[str, np.ndarray],
 def infer_examples(model, spec: ModelSpec, vocabulary,
                    features,
                    identities: Sequence[Sequence[Any]],
-                   after_batch=None) -> Tuple[List[Dict[str, Any]], int]:
+                   after_batch=None, queue_rows: int = 0
+                   ) -> Tuple[List[Dict[str, Any]], int]:
   """(one T5X record without `inputs` per example, decoded token count).
 
   `model` is a LoadedModel (or Beam's proxy of one); `features` one dict of
@@ -387,7 +393,8 @@ def infer_examples(model, spec: ModelSpec, vocabulary,
   chunk), all run in one call by the spec's batching (batches of
   `spec.batch_size` rows); `identities` give the sampling keys.
   `after_batch(0)` runs after the model and before the records are made
-  (the pipeline's fault injection for tests of retries)."""
+  (the pipeline's fault injection for tests of retries); `queue_rows`: see
+  `LoadedModel.run`."""
   stacked = isinstance(features, Mapping)
   count = len(features[FEATURES[0]]) if stacked else len(features)
   if not count:
@@ -400,7 +407,7 @@ def infer_examples(model, spec: ModelSpec, vocabulary,
   if spec.decoding.needs_rng and spec.mode != 'score':
     keys = np.stack([example_key(spec.seed, identity)
                      for identity in identities])
-  outputs = model.run(arrays, keys)
+  outputs = model.run(arrays, keys, queue_rows)
   if after_batch is not None:
     after_batch(0)
   decoded_tokens = 0
