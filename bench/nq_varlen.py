@@ -22,7 +22,7 @@ near-tie (the two tokens' float32 logits, teacher-forced in transformers,
 within --near_tie of each other). Not a test: run it by hand.
 
     .venv/bin/python bench/nq_varlen.py [--examples 2048] [--batch_sizes 32,128]
-        [--dtype bfloat16] [--modes static,length,continuous]
+        [--dtype bfloat16] [--modes static,length,continuous] [--uniform]
 """
 
 import argparse
@@ -48,14 +48,19 @@ from tests import reference
 FEATURE_LENGTH = 64
 DECODE_LENGTH = 32
 TRANSFORMERS = 'transformers'
+# --uniform: nq-small-greedy's shape (every input this long, every answer
+# DECODE_LENGTH tokens), where nothing is padding and no row waits.
+UNIFORM_INPUT_LENGTH = 38
 
 
-def varlen_inputs(rng: np.random.Generator, count: int,
-                  vocab_size: int) -> np.ndarray:
+def varlen_inputs(rng: np.random.Generator, count: int, vocab_size: int,
+                  uniform: bool = False) -> np.ndarray:
   """[count, 64] int32: random ids, each input ending in EOS (1), lengths
-  round(exp(N(2.5, 0.55))) clipped to 4..64, 0-padded."""
+  round(exp(N(2.5, 0.55))) clipped to 4..64 (`uniform`: all 38), 0-padded."""
   lengths = np.clip(np.round(np.exp(rng.normal(2.5, 0.55, count))), 4,
                     FEATURE_LENGTH).astype(int)
+  if uniform:
+    lengths[:] = UNIFORM_INPUT_LENGTH
   tokens = rng.integers(2, vocab_size,
                         size=(count, FEATURE_LENGTH)).astype(np.int32)
   tokens[np.arange(count), lengths - 1] = 1
@@ -67,7 +72,7 @@ def answer_lengths(tokens: np.ndarray) -> np.ndarray:
   return (tokens > 0).sum(axis=1)
 
 
-def transformers_decode(hf_model, inputs, batch_size):
+def transformers_decode(hf_model, inputs, batch_size, full_length=False):
   """transformers' greedy generate, batch by batch in the given order, each
   batch cut to its longest input: tokens [count, 32], 0 after EOS."""
   out = np.zeros((len(inputs), DECODE_LENGTH), np.int32)
@@ -79,6 +84,7 @@ def transformers_decode(hf_model, inputs, batch_size):
       generated = hf_model.generate(
           input_ids=ids, attention_mask=ids > 0, do_sample=False,
           num_beams=1, use_cache=True, max_new_tokens=DECODE_LENGTH,
+          min_new_tokens=DECODE_LENGTH if full_length else 0,
           eos_token_id=1, pad_token_id=0).numpy()[:, 1:]
     # Rows that ended early are padded with 0 after their EOS.
     out[begin:begin + len(batch), :generated.shape[1]] = generated
@@ -114,6 +120,9 @@ def main():
   parser.add_argument('--near_tie', type=float, default=1e-3,
                       help='largest logit gap counted as a near-tie')
   parser.add_argument('--skip_transformers', action='store_true')
+  parser.add_argument('--uniform', action='store_true',
+                      help='every input 38 tokens, every answer 32 (EOS '
+                      'ignored): batching has nothing to save')
   parser.add_argument('--halves', default='auto', choices=('auto', 'on', 'off'),
                       help='our concurrent halves (auto: the CPU default)')
   parser.add_argument('--dtype', default='float32',
@@ -138,7 +147,7 @@ def main():
     hf_model = hf_model.to(torch.bfloat16)
   print(cpu_report(model))
   inputs = varlen_inputs(np.random.default_rng(0), args.examples,
-                         config.vocab_size)
+                         config.vocab_size, args.uniform)
   input_lengths = answer_lengths(inputs)
   print(f'nq-varlen: {args.examples} examples, input lengths median '
         f'{np.median(input_lengths):.0f} (min {input_lengths.min()}, max '
@@ -152,7 +161,8 @@ def main():
       batching = Batching(mode, refill_group=args.refill_group)
       run = (lambda batching: lambda examples=inputs: model.predict_examples(
           examples, batch_size=batch_size, max_length=DECODE_LENGTH,
-          batching=batching, queue_rows=len(inputs)))(batching)
+          batching=batching, queue_rows=len(inputs),
+          stop_at_eos=not args.uniform))(batching)
       # Compile first: one example of each length bucket (length-aware
       # batching compiles a batch shape per bucket; continuous batching
       # one program for the queue's size).
@@ -161,8 +171,8 @@ def main():
       run(inputs[[widths.index(w) for w in sorted(set(widths))]])
       sides[mode] = run
     if not args.skip_transformers:
-      sides[TRANSFORMERS] = lambda: transformers_decode(hf_model, inputs,
-                                                        batch_size)
+      sides[TRANSFORMERS] = lambda: transformers_decode(
+          hf_model, inputs, batch_size, full_length=args.uniform)
     seconds = {name: [] for name in sides}
     tokens = {}
     for _ in range(args.rounds):

@@ -18,6 +18,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from model import network, partitioning  # pylint: disable=wrong-import-position
 from model.config import T5Config  # pylint: disable=wrong-import-position
+from model.batching import Batching  # pylint: disable=wrong-import-position
 from model.decoding import DecodingConfig  # pylint: disable=wrong-import-position
 from model.inference import InferenceModel  # pylint: disable=wrong-import-position
 
@@ -60,7 +61,15 @@ def outputs(model, batch) -> dict:
                                      temperature=0.8, topk=0,
                                      return_all_decodes=True),
       return_scores=True, rng=keys)
+  # Continuous batching over twice the batch (rows take new examples as
+  # theirs end): the second half is the first reversed, so lengths vary.
+  twice = np.concatenate([batch['encoder_input_tokens'],
+                          batch['encoder_input_tokens'][::-1, ::-1]])
+  continuous = model.predict_examples(
+      twice, batch_size=BATCH, max_length=6,
+      batching=Batching('continuous', refill_group=2))
   return {'samples': samples.tolist(), 'sample_scores': sample_scores.tolist(),
+          'continuous': continuous.tolist(),
           'greedy': greedy_tokens.tolist(),
           'greedy_scores': greedy_scores.tolist(),
           'beam': beam_tokens.tolist(), 'beam_scores': beam_scores.tolist(),

@@ -35,6 +35,8 @@ def test_every_mesh_decodes_and_scores_as_one_device(report, style, mesh):
   assert sharded['greedy'] == one['greedy']
   assert sharded['beam'] == one['beam']
   assert sharded['samples'] == one['samples']
+  assert sharded['continuous'] == one['continuous']
+  assert one['continuous'][:len(one['greedy'])] == one['greedy']
   for name in ('greedy_scores', 'beam_scores', 'sample_scores', 'score'):
     np.testing.assert_allclose(sharded[name], one[name], rtol=1e-5,
                                atol=1e-4)
