@@ -195,6 +195,10 @@ def main():
   parser.add_argument('--skip_ctranslate2', action='store_true')
   parser.add_argument('--dtype', default='float32',
                       choices=('float32', 'bfloat16'))
+  parser.add_argument('--halves', default='auto', choices=('auto', 'on', 'off'),
+                      help='our concurrent halves (auto: the CPU default)')
+  parser.add_argument('--screen', default='auto', choices=('auto', 'on', 'off'),
+                      help='our screened arg-max (auto: the CPU default)')
   parser.add_argument('--paired_passes', type=int, default=2,
                       help='passes of batch-by-batch paired timing (0: none)')
   args = parser.parse_args()
@@ -208,7 +212,10 @@ def main():
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     config = config.replace(dtype='bfloat16')
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
-  model = InferenceModel(config, params)
+  choice = {'auto': None, 'on': True, 'off': False}
+  model = InferenceModel(config, params,
+                         concurrent_halves=choice[args.halves],
+                         screen_argmax=choice[args.screen])
   print(cpu_report(model))
   sides = {OURS: lambda b: ours_batch(model, b)}
   if not args.skip_ctranslate2:

@@ -63,10 +63,8 @@ class InferenceModel:
     vocabulary, layer norms) during which one core idles; two independent
     halves fill each other's gaps, about 4% more examples/s at batch 128
     with the same tokens (`bench/nq_small_greedy.py`). Samples are the
-    same too: each example draws from its own key. In continuous batching
-    the halves are two queues of alternate examples, each with half the
-    rows: about 5% more examples/s on nq-varlen at batch 128 (71.4 and
-    68.5 against 67.4 and 64.9, `bench/nq_varlen.py --halves on|off`).
+    same too: each example draws from its own key. Continuous batching
+    runs one queue (see `_decode_continuously`).
 
     `screen_argmax`: greedy decoding without scores finds each step's arg-max
     with a bfloat16 output layer checked against float32 error bounds (the
@@ -329,37 +327,20 @@ class InferenceModel:
                            batch_size: int, group: int, queue_rows: int,
                            **settings):
     """continuous_decode of the examples (sorted by length) in a queue
-    padded to `batching.queue_size` rows; with the concurrent halves, two
-    queues of alternate examples, each with half the rows, run at once."""
-    split = (self.concurrent_halves and batch_size % 2 == 0 and
-             batch_size >= _MIN_EXAMPLES_TO_HALVE and len(tokens) > 1)
-
-    def run(tokens_and_keys, slots):
-      part_tokens, part_keys = tokens_and_keys
-      size = batching_lib.queue_size(
-          max(len(part_tokens), -(-queue_rows // 2) if split else
-              queue_rows), slots)
-      queue_tokens, queue_keys = _fill_rows(size, part_tokens, part_keys,
-                                            repeat=False)
-      with self._placement():
-        out = self._continuous(
-            self.variables, *self._place_batch(queue_tokens, queue_keys),
-            np.int32(len(part_tokens)), slots=slots,
-            argmax_screen=self.argmax_screen,
-            group=min(group, slots), **settings)
-        return tuple(np.asarray(x)[:len(part_tokens)] for x in out)
-
-    if not split:
-      return run((tokens, keys), batch_size)
-    halves = list(self._two_threads().map(
-        lambda part: run(part, batch_size // 2),
-        [(tokens[0::2], keys[0::2]), (tokens[1::2], keys[1::2])]))
-    merged = []
-    for first, second in zip(*halves):
-      both = np.empty((len(tokens),) + first.shape[1:], first.dtype)
-      both[0::2], both[1::2] = first, second
-      merged.append(both)
-    return tuple(merged)
+    padded to `batching.queue_size` rows, with `batch_size` rows. Never in
+    concurrent halves: two queues of half the rows each were 5% faster on
+    nq-varlen at batch 128 but 20% slower where every answer is full
+    length (`bench/nq_varlen.py --uniform`), where one queue keeps static
+    batching's speed."""
+    size = batching_lib.queue_size(max(len(tokens), queue_rows), batch_size)
+    queue_tokens, queue_keys = _fill_rows(size, tokens, keys, repeat=False)
+    with self._placement():
+      out = self._continuous(
+          self.variables, *self._place_batch(queue_tokens, queue_keys),
+          np.int32(len(tokens)), slots=batch_size,
+          argmax_screen=self.argmax_screen, group=min(group, batch_size),
+          **settings)
+      return tuple(np.asarray(x)[:len(tokens)] for x in out)
 
   def score_examples(self, features: Batch, *, batch_size: int,
                      batching: batching_lib.Batching = batching_lib.Batching()
