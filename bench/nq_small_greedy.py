@@ -87,17 +87,9 @@ class _IdVocabulary:
 
 def cpu_report(model) -> str:
   """The CPU's bfloat16 features and our CPU-specific choices in force."""
-  flags = set()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('flags'):
-          flags = set(line.split(':', 1)[1].split())
-          break
-  except OSError:
-    pass
+  flags = runtime.cpu_flags()
   features = [f for f in ('avx512_bf16', 'amx_bf16', 'amx_tile') if f in flags]
-  tuning = os.environ.get('T5BEAM_XLA_CPU_TUNING', '1') != '0'
+  tuning = runtime.xla_cpu_tuning_on()
   return (f'cpu bfloat16 features: {", ".join(features) or "none"}; ours: '
           f'XLA CPU tuning {"on" if tuning else "off"}, concurrent halves '
           f'{"on" if model.concurrent_halves else "off"}, screened arg-max '

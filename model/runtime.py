@@ -9,21 +9,28 @@ handler's `load_model`, the benchmarks) call `configure_xla_cpu` before JAX
 starts a backend. Called after that (JAX already running in a user's
 process) it changes nothing and logs one line saying so.
 
-What it sets: the pinned jaxlib fuses elementwise work and reductions into
-its YNN library calls by default, which makes the small per-step reductions
-of cached decoding several times slower; keeping YNN to individual matmuls
-makes greedy decoding about 10% faster on CPU (`bench/nq_small_greedy.py`,
-AMD EPYC Zen 4). An `xla_cpu_experimental_ynn_fusion_type` already in
-XLA_FLAGS is left alone, and T5BEAM_XLA_CPU_TUNING=0 turns this off. It has
-no effect on GPU or TPU.
+What it sets, by the CPU's features (`/proc/cpuinfo` flags): the pinned
+jaxlib fuses elementwise work and reductions into its YNN library calls by
+default, which makes the small per-step reductions of cached decoding
+several times slower on AMD Zen 4, where keeping YNN to individual matmuls
+makes greedy decoding about 10% faster (`bench/nq_small_greedy.py`, AMD
+EPYC). On an Intel Xeon with AMX (`amx_tile`) the same flag makes float32
+greedy decoding 5-10% slower (nq-small-greedy, 2 passes: 45.8 and 43.6
+examples/s with it against 49.2 and 46.0 without at batch 32; 69.8 and
+66.6 against 76.8 and 71.1 at batch 128), and bfloat16 the same speed, so
+there it is not set. CPUs with neither feature measured keep the Zen 4
+setting. An `xla_cpu_experimental_ynn_fusion_type` already in XLA_FLAGS is
+left alone; T5BEAM_XLA_CPU_TUNING=0 turns this off and =1 sets the flag
+whatever the CPU. It has no effect on GPU or TPU.
 """
 
 import ctypes
+import functools
 import importlib.metadata
 import logging
 import os
 import sys
-from typing import Optional
+from typing import FrozenSet, Optional
 
 TUNING_ENV = 'T5BEAM_XLA_CPU_TUNING'
 _YNN_FLAG = 'xla_cpu_experimental_ynn_fusion_type'
@@ -44,9 +51,35 @@ def jax_backend_started() -> bool:
   return xla_bridge.backends_are_initialized()
 
 
-def xla_cpu_flags() -> str:
-  """The XLA flags `configure_xla_cpu` adds here ('' when none apply)."""
-  if os.environ.get(TUNING_ENV, '1') == '0':
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> FrozenSet[str]:
+  """The feature flags of this (Linux) CPU from /proc/cpuinfo; empty
+  elsewhere."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('flags'):
+          return frozenset(line.split(':', 1)[1].split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def ynn_fusion_wanted(flags: FrozenSet[str]) -> bool:
+  """Whether a CPU with these features decodes faster with YNN kept to
+  individual matmuls: not with AMX (measured on a Xeon), yes otherwise
+  (measured on Zen 4)."""
+  return 'amx_tile' not in flags
+
+
+def xla_cpu_flags(flags: Optional[FrozenSet[str]] = None) -> str:
+  """The XLA flags `configure_xla_cpu` adds on a CPU with `flags` (default:
+  this one's); '' when none apply."""
+  setting = os.environ.get(TUNING_ENV, '')
+  if setting == '0':
+    return ''
+  if setting != '1' and not ynn_fusion_wanted(
+      cpu_flags() if flags is None else flags):
     return ''
   if _YNN_FLAG in os.environ.get('XLA_FLAGS', ''):
     return ''
@@ -57,6 +90,11 @@ def xla_cpu_flags() -> str:
   if not jaxlib_version.startswith(_TUNED_JAXLIB_PREFIXES):
     return ''
   return f'--{_YNN_FLAG}=individual_dot'
+
+
+def xla_cpu_tuning_on() -> bool:
+  """Whether this process's XLA_FLAGS keep YNN to individual matmuls."""
+  return _YNN_FLAG in os.environ.get('XLA_FLAGS', '')
 
 
 def keep_tensorflow_off_accelerators():

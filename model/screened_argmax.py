@@ -28,12 +28,13 @@ the screen. With random weights (the hardest case: near-ties everywhere)
 rows have about 2 candidates; trained models' logits are more peaked.
 """
 
-import functools
 import os
 from typing import Dict
 
 import jax
 import jax.numpy as jnp
+
+from model import runtime
 
 # Tokens per block of the vocabulary for the first, blockwise screen.
 BLOCK = 128
@@ -64,17 +65,9 @@ def first_argmax(logits: jax.Array) -> jax.Array:
   return jnp.minimum(first, vocab_size - 1)
 
 
-@functools.lru_cache(maxsize=None)
 def cpu_has_bf16_dot() -> bool:
   """Whether this (Linux) CPU multiplies bfloat16 pairs in hardware."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('flags'):
-          return any(flag in line.split() for flag in _BF16_DOT_FLAGS)
-  except OSError:
-    pass
-  return False
+  return any(flag in runtime.cpu_flags() for flag in _BF16_DOT_FLAGS)
 
 
 def worthwhile(vocab_size: int, activation_dtype: str) -> bool:

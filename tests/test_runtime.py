@@ -32,7 +32,8 @@ def test_the_flags_apply_before_jax_starts_and_not_after():
       'print(runtime.configure_xla_cpu(), os.environ.get("XLA_FLAGS"))\n'
       'os.environ.pop("XLA_FLAGS")\n'
       'import jax; jax.devices()\n'
-      'print(runtime.configure_xla_cpu(), os.environ.get("XLA_FLAGS"))\n')
+      'print(runtime.configure_xla_cpu(), os.environ.get("XLA_FLAGS"))\n',
+      T5BEAM_XLA_CPU_TUNING='1')  # whatever this CPU would choose
   before, after = result.stdout.strip().splitlines()[-2:]
   assert before == ('True --xla_cpu_experimental_ynn_fusion_type='
                     'individual_dot')
@@ -45,3 +46,19 @@ def test_tuning_can_be_turned_off():
                    'print(runtime.configure_xla_cpu())',
                    T5BEAM_XLA_CPU_TUNING='0')
   assert result.stdout.strip().splitlines()[-1] == 'False'
+
+
+def test_the_flag_is_chosen_by_the_cpus_features(monkeypatch):
+  from model import runtime  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv(runtime.TUNING_ENV, raising=False)
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  zen4 = frozenset({'avx512f', 'avx512_bf16'})
+  xeon_with_amx = zen4 | {'amx_bf16', 'amx_tile'}
+  assert runtime.xla_cpu_flags(zen4) == (
+      '--xla_cpu_experimental_ynn_fusion_type=individual_dot')
+  assert runtime.xla_cpu_flags(frozenset()) == runtime.xla_cpu_flags(zen4)
+  assert runtime.xla_cpu_flags(xeon_with_amx) == ''
+  monkeypatch.setenv(runtime.TUNING_ENV, '1')
+  assert runtime.xla_cpu_flags(xeon_with_amx) == runtime.xla_cpu_flags(zen4)
+  monkeypatch.setenv(runtime.TUNING_ENV, '0')
+  assert runtime.xla_cpu_flags(zen4) == ''
