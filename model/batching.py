@@ -107,6 +107,12 @@ def bucket_of(length: int, buckets: Tuple[int, ...]) -> int:
   return buckets[-1]
 
 
+def row_buckets(tokens: np.ndarray, buckets: Tuple[int, ...]) -> np.ndarray:
+  """[rows] the bucket of each row's used length (`bucket_of`)."""
+  return np.array([bucket_of(int(n), buckets) for n in used_lengths(tokens)],
+                  dtype=np.int64)
+
+
 def length_order(tokens: np.ndarray) -> np.ndarray:
   """Row indices by increasing used length, ties in the given order."""
   return np.argsort(used_lengths(tokens), kind='stable')

@@ -239,13 +239,6 @@ class InferenceModel:
       tokens, scores = tokens[:, -1], scores[:, -1]
     return (tokens, scores) if return_scores else tokens
 
-  def _two_threads(self) -> concurrent.futures.ThreadPoolExecutor:
-    """The pool the concurrent halves run in."""
-    if self._halves_pool is None:
-      self._halves_pool = concurrent.futures.ThreadPoolExecutor(
-          2, thread_name_prefix='t5beam-decode')
-    return self._halves_pool
-
   def _decode_in_halves(self, decode, encoder_input_tokens: np.ndarray,
                         example_keys: np.ndarray
                         ) -> Tuple[np.ndarray, np.ndarray]:
@@ -261,9 +254,12 @@ class InferenceModel:
     if not (self.concurrent_halves and size % 2 == 0 and
             size >= _MIN_EXAMPLES_TO_HALVE):
       return decode_to_numpy((encoder_input_tokens, example_keys))
+    if self._halves_pool is None:
+      self._halves_pool = concurrent.futures.ThreadPoolExecutor(
+          2, thread_name_prefix='t5beam-decode')
     # Each thread waits for its own result, so the two XLA executions run
     # side by side (JAX releases the GIL while waiting).
-    halves = self._two_threads().map(
+    halves = self._halves_pool.map(
         decode_to_numpy, zip(np.split(encoder_input_tokens, 2),
                              np.split(example_keys, 2)))
     first, second = list(halves)
@@ -308,8 +304,7 @@ class InferenceModel:
           self._decode, self.variables, max_length=max_length,
           eos_id=eos_id, config=config, return_scores=scored,
           argmax_screen=self.argmax_screen)
-      widths = np.array([batching_lib.bucket_of(int(n), buckets) for n in
-                         batching_lib.used_lengths(tokens_in)])
+      widths = batching_lib.row_buckets(tokens_in, buckets)
       tokens = scores = None
       for width, rows in batching_lib.bucket_batches(widths, batch_size):
         batch_tokens, batch_keys = _fill_rows(
@@ -361,12 +356,10 @@ class InferenceModel:
     target_buckets = batching.buckets(target_len)
     # Each example at its own input and target buckets (positions past the
     # last weighted target add nothing to any score).
-    in_widths = [batching_lib.bucket_of(int(n), in_buckets) for n in
-                 batching_lib.used_lengths(arrays['encoder_input_tokens'])]
-    target_widths = [batching_lib.bucket_of(int(n), target_buckets) for n in
-                     batching_lib.used_lengths(arrays['decoder_loss_weights'])]
-    pairs = np.array([w * (target_len + 1) + t
-                      for w, t in zip(in_widths, target_widths)])
+    pairs = (batching_lib.row_buckets(arrays['encoder_input_tokens'],
+                                      in_buckets) * (target_len + 1) +
+             batching_lib.row_buckets(arrays['decoder_loss_weights'],
+                                      target_buckets))
     scores = np.zeros(count, np.float32)
     token_scores = np.zeros((count, target_len), np.float32)
     for pair, rows in batching_lib.bucket_batches(pairs, batch_size):

@@ -137,6 +137,7 @@ class ModelSpec:
 
   def fingerprint_fields(self) -> Dict[str, Any]:
     """The settings that decide what the model writes."""
+    batching = self.batching_plan()
     return {
         'checkpoint_path': self.checkpoint_path,
         'task_feature_lengths': {k: int(v) for k, v in
@@ -155,9 +156,8 @@ class ModelSpec:
         # order, so near-ties); the data axis is whatever the worker has.
         'partitioning': self.partitioning.to_dict(),
         # Batch shapes decide float32 summation order (near-ties).
-        'batching': self.batching_plan().mode,
-        'length_buckets': list(self.batching_plan().buckets(
-            self.input_length)),
+        'batching': batching.mode,
+        'length_buckets': list(batching.buckets(self.input_length)),
     }
 
 
