@@ -85,6 +85,24 @@ class _IdVocabulary:
     return self.tokens[token_id]
 
 
+def shared_weights(dtype: str, eos_scale: float = 1.0):
+  """(config, our params in `dtype`, transformers' float32 model) of T5 1.1
+  small with random weights, the same on every side; `eos_scale` scales
+  the output layer's EOS row first."""
+  config = config_lib.preset('t5_1_1_small')
+  hf_model = reference.make_reference(config, seed=0)
+  with torch.no_grad():
+    hf_model.lm_head.weight[1] *= eos_scale
+  tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+  params = checkpoints.params_from_huggingface(config, tensors)
+  if dtype == 'bfloat16':
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    config = config.replace(dtype='bfloat16')
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
+  return config, params, hf_model
+
+
 def cpu_report(model) -> str:
   """The CPU's bfloat16 features and our CPU-specific choices in force."""
   flags = runtime.cpu_flags()
@@ -195,15 +213,7 @@ def main():
                       help='passes of batch-by-batch paired timing (0: none)')
   args = parser.parse_args()
 
-  config = config_lib.preset('t5_1_1_small')
-  hf_model = reference.make_reference(config, seed=0)
-  tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-  params = checkpoints.params_from_huggingface(config, tensors)
-  if args.dtype == 'bfloat16':
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    config = config.replace(dtype='bfloat16')
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
+  config, params, hf_model = shared_weights(args.dtype)
   choice = {'auto': None, 'on': True, 'off': False}
   model = InferenceModel(config, params,
                          concurrent_halves=choice[args.halves],

@@ -26,6 +26,7 @@ within --near_tie of each other). Not a test: run it by hand.
 """
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -39,11 +40,9 @@ runtime.configure_xla_cpu()  # before JAX starts
 import numpy as np  # pylint: disable=g-import-not-at-top
 import torch
 
-from bench.nq_small_greedy import cpu_report
-from model import checkpoints, config as config_lib
-from model.batching import Batching, bucket_of
+from bench.nq_small_greedy import cpu_report, shared_weights
+from model.batching import Batching, row_buckets
 from model.inference import InferenceModel
-from tests import reference
 
 FEATURE_LENGTH = 64
 DECODE_LENGTH = 32
@@ -94,14 +93,14 @@ def transformers_decode(hf_model, inputs, batch_size, full_length=False):
 def first_difference_gaps(hf_model, inputs, ours, theirs):
   """For every row where the two decodes differ: |logit(our token) -
   logit(their token)| at the first differing position, both logits
-  teacher-forced in transformers on the common prefix (float32)."""
+  teacher-forced in `hf_model` (float32) on the common prefix."""
   gaps = []
   for row in np.flatnonzero((ours != theirs).any(axis=1)):
     position = int(np.argmax(ours[row] != theirs[row]))
     prefix = np.concatenate([[0], theirs[row, :position]]).astype(np.int64)
     ids = torch.from_numpy(inputs[row:row + 1].astype(np.int64))
     with torch.no_grad():
-      logits = hf_model.float()(
+      logits = hf_model(
           input_ids=ids, attention_mask=ids > 0,
           decoder_input_ids=torch.from_numpy(prefix[None])).logits[0, -1]
     gaps.append(abs(float(logits[ours[row, position]] -
@@ -129,22 +128,14 @@ def main():
                       choices=('float32', 'bfloat16'))
   args = parser.parse_args()
 
-  config = config_lib.preset('t5_1_1_small')
-  hf_model = reference.make_reference(config, seed=0)
-  with torch.no_grad():
-    hf_model.lm_head.weight[1] *= args.eos_scale
-  tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-  params = checkpoints.params_from_huggingface(config, tensors)
-  if args.dtype == 'bfloat16':
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    config = config.replace(dtype='bfloat16')
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
+  config, params, hf_model = shared_weights(args.dtype, args.eos_scale)
   model = InferenceModel(config, params, concurrent_halves={
       'auto': None, 'on': True, 'off': False}[args.halves])
+  # The near-tie judge stays float32 (Module.to casts in place, so the
+  # bfloat16 side gets its own copy).
   reference_model = hf_model
   if args.dtype == 'bfloat16':
-    hf_model = hf_model.to(torch.bfloat16)
+    hf_model = copy.deepcopy(hf_model).to(torch.bfloat16)
   print(cpu_report(model))
   inputs = varlen_inputs(np.random.default_rng(0), args.examples,
                          config.vocab_size, args.uniform)
@@ -166,9 +157,8 @@ def main():
       # Compile first: one example of each length bucket (length-aware
       # batching compiles a batch shape per bucket; continuous batching
       # one program for the queue's size).
-      widths = [bucket_of(n, batching.buckets(FEATURE_LENGTH))
-                for n in input_lengths]
-      run(inputs[[widths.index(w) for w in sorted(set(widths))]])
+      widths = row_buckets(inputs, batching.buckets(FEATURE_LENGTH))
+      run(inputs[[int(np.argmax(widths == w)) for w in np.unique(widths)]])
       sides[mode] = run
     if not args.skip_transformers:
       sides[TRANSFORMERS] = lambda: transformers_decode(
