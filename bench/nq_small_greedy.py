@@ -170,6 +170,12 @@ def time_side(decode, inputs, batch_size):
           np.concatenate(outputs))
 
 
+def decode_all(decode, inputs, batch_size=128):
+  """decode(batch) -> tokens over all inputs, untimed."""
+  return np.concatenate([decode(inputs[begin:begin + batch_size])
+                         for begin in range(0, len(inputs), batch_size)])
+
+
 def paired_ratios(sides, inputs, batch_size, passes):
   """For every baseline, its seconds over ours for the same batch, all
   sides timed back to back (the order rotating from batch to batch), for
@@ -227,13 +233,24 @@ def main():
     elif args.dtype == 'float32':
       print('ctranslate2 is not installed, so it is left out: '
             '.venv/bin/pip install -r bench/requirements.txt')
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(2, config.vocab_size,
+                        size=(args.examples, INPUT_LENGTH)).astype(np.int32)
+  # In a bfloat16 run, each side's own float32 tokens on the same weights:
+  # how far bfloat16 moves a side from its float32 results.
+  float32_tokens = {}
+  if args.dtype == 'bfloat16':
+    model32 = InferenceModel(*shared_weights('float32')[:2])
+    float32_tokens[OURS] = decode_all(lambda b: ours_batch(model32, b),
+                                      inputs)
+    del model32
+    if not args.skip_transformers:
+      float32_tokens['transformers'] = decode_all(
+          lambda b: theirs_batch(hf_model, b), inputs)
   if not args.skip_transformers:
     if args.dtype == 'bfloat16':
       hf_model = hf_model.to(torch.bfloat16)
     sides['transformers'] = lambda b: theirs_batch(hf_model, b)
-  rng = np.random.default_rng(0)
-  inputs = rng.integers(2, config.vocab_size,
-                        size=(args.examples, INPUT_LENGTH)).astype(np.int32)
   print(f'nq-small-greedy: {args.examples} examples, {INPUT_LENGTH} input '
         f'tokens, {DECODE_LENGTH} decoded, {args.dtype}; torch threads '
         f'{torch.get_num_threads()}, cpus {os.cpu_count()}')
@@ -253,6 +270,11 @@ def main():
           f'({ours * GFLOP_PER_EXAMPLE:.0f} GFLOP/s; rounds '
           f'{", ".join(f"{r:.1f}" for r in rounds[OURS])}; first batch incl. '
           f'compile {first_seconds:.1f} s)')
+    for name, reference_tokens in float32_tokens.items():
+      equal = tokens[name] == reference_tokens
+      print(f'            {name} bfloat16 against its own float32: '
+            f'{equal.all(axis=1).mean():.1%} of sequences, '
+            f'{equal.mean():.1%} of tokens equal')
     for name in sides:
       if name == OURS:
         continue

@@ -149,11 +149,12 @@ matmul = _accumulating(jnp.matmul)
 einsum = _accumulating(jnp.einsum)
 
 
-def fused_matmul(x: Array, fused: Array, parts: int,
-                 blocks: int) -> List[Array]:
+def fused_matmul(x: Array, fused: Array, parts: int, blocks: int,
+                 keep_float32: bool = False) -> List[Array]:
   """x [..., d_model] times each of the `parts` kernels joined in `fused`
-  (block layout of `blocks`): `parts` arrays [..., out], from one matmul."""
-  projected = dot(x.astype(fused.dtype), fused)
+  (block layout of `blocks`): `parts` arrays [..., out], from one matmul
+  (float32 sums kept with `keep_float32`)."""
+  projected = dot(x.astype(fused.dtype), fused, keep_float32=keep_float32)
   if parts == 1:
     return [projected]
   out = fused.shape[-1] // parts
@@ -191,8 +192,18 @@ class Embed(nn.Module):
                                 _dtype(cfg.param_dtype))
 
   def __call__(self, tokens: Array) -> Array:
-    """[...] int -> [..., d_model]: a gather, not a one-hot matmul."""
-    return jnp.take(self.table(), tokens, axis=0)
+    """[...] int -> [..., d_model]: a gather, not a one-hot matmul.
+
+    A 16-bit float table is gathered through its bits (uint16): on a
+    float table XLA's CPU backend moves the later cast to float32 ahead of
+    the gather, converting the whole table (16M values for T5 1.1 small)
+    on every call to read a few rows."""
+    table = self.table()
+    if jnp.issubdtype(table.dtype, jnp.floating) and table.dtype.itemsize == 2:
+      bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
+      return jax.lax.bitcast_convert_type(jnp.take(bits, tokens, axis=0),
+                                          table.dtype)
+    return jnp.take(table, tokens, axis=0)
 
   def table(self) -> Array:
     return self.embedding.astype(_dtype(self.config.dtype))
@@ -326,16 +337,20 @@ class MlpBlock(nn.Module):
         'silu': jax.nn.silu,
     }[cfg.activation]
     x = x.astype(dtype)
+    # The activation reads the products' float32 sums and is rounded to the
+    # activation dtype once: computed in bfloat16, every one of its dozen
+    # elementwise steps was rounded on its own, which on a CPU (no bfloat16
+    # arithmetic) made the gated GELU cost as much as a matmul.
     if cfg.gated:
       fused = fused_kernel(self, 'wi', lambda: [self.wi_0(), self.wi_1()])
       # [batch, length, d_model] -> 2 x [batch, length, d_ff]
       gate, linear = fused_matmul(x.astype(dtype), fused, 2,
-                                  cfg.model_axis_size)
+                                  cfg.model_axis_size, keep_float32=True)
       hidden = activation(gate) * linear
     else:
-      hidden = activation(dot(x, self.wi().astype(dtype)))
+      hidden = activation(dot(x, self.wi().astype(dtype), keep_float32=True))
     # [batch, length, d_ff] -> [batch, length, d_model]
-    return dot(hidden, self.wo().astype(dtype))
+    return dot(hidden.astype(dtype), self.wo().astype(dtype))
 
 
 class EncoderLayer(nn.Module):

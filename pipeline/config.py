@@ -16,8 +16,10 @@ from pipeline.layout import TaskLayout
 # 4: products accumulate in float32 with bfloat16 activations (their
 # outputs were bfloat16 sums before), and bad input records are skipped;
 # 5: continuous or length-aware batching by default (a chunk's examples run
-# in other batch shapes: near-ties may differ).
-FINGERPRINT_VERSION = 5
+# in other batch shapes: near-ties may differ); 6: with bfloat16
+# activations the feed-forward activation is computed in float32 from the
+# products' float32 sums and rounded once (it was rounded at every step).
+FINGERPRINT_VERSION = 6
 
 # num_output_shards='auto' aims at output files of this size.
 AUTO_OUTPUT_SHARD_BYTES = 1 << 30
