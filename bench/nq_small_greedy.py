@@ -104,11 +104,14 @@ def shared_weights(dtype: str, eos_scale: float = 1.0):
 
 
 def cpu_report(model) -> str:
-  """The CPU's bfloat16 features and our CPU-specific choices in force."""
-  flags = runtime.cpu_flags()
-  features = [f for f in ('avx512_bf16', 'amx_bf16', 'amx_tile') if f in flags]
+  """The CPU (vendor, family, bfloat16 features) and our CPU-specific
+  choices in force."""
+  cpu = runtime.this_cpu()
+  features = [f for f in ('avx512_bf16', 'amx_bf16', 'amx_tile')
+              if f in cpu.flags]
   tuning = runtime.xla_cpu_tuning_on()
-  return (f'cpu bfloat16 features: {", ".join(features) or "none"}; ours: '
+  return (f'cpu: {cpu.vendor or "unknown"} family {cpu.family}, bfloat16 '
+          f'features: {", ".join(features) or "none"}; ours: '
           f'XLA CPU tuning {"on" if tuning else "off"}, concurrent halves '
           f'{"on" if model.concurrent_halves else "off"}, screened arg-max '
           f'{"on" if model.argmax_screen is not None else "off"}')

@@ -9,19 +9,23 @@ handler's `load_model`, the benchmarks) call `configure_xla_cpu` before JAX
 starts a backend. Called after that (JAX already running in a user's
 process) it changes nothing and logs one line saying so.
 
-What it sets, by the CPU's features (`/proc/cpuinfo` flags): the pinned
-jaxlib fuses elementwise work and reductions into its YNN library calls by
-default, which makes the small per-step reductions of cached decoding
-several times slower on AMD Zen 4, where keeping YNN to individual matmuls
-makes greedy decoding about 10% faster (`bench/nq_small_greedy.py`, AMD
-EPYC). On an Intel Xeon with AMX (`amx_tile`) the same flag makes float32
-greedy decoding 5-10% slower (nq-small-greedy, 2 passes: 45.8 and 43.6
-examples/s with it against 49.2 and 46.0 without at batch 32; 69.8 and
-66.6 against 76.8 and 71.1 at batch 128), and bfloat16 the same speed, so
-there it is not set. CPUs with neither feature measured keep the Zen 4
-setting. An `xla_cpu_experimental_ynn_fusion_type` already in XLA_FLAGS is
-left alone; T5BEAM_XLA_CPU_TUNING=0 turns this off and =1 sets the flag
-whatever the CPU. It has no effect on GPU or TPU.
+What it sets, by the CPU (`/proc/cpuinfo`: vendor, family, flags): the
+pinned jaxlib fuses elementwise work and reductions into its YNN library
+calls by default. On AMD Zen 4 (AuthenticAMD family 25 with
+`avx512_bf16`) that made the small per-step reductions of cached decoding
+several times slower, and keeping YNN to individual matmuls made greedy
+decoding about 10% faster (`bench/nq_small_greedy.py`, AMD EPYC), so there
+the flag is set. Everywhere else XLA's default stays: on an Intel Xeon with
+AMX (`amx_tile`) the flag made float32 greedy decoding 5-10% slower
+(nq-small-greedy, 2 passes: 45.8 and 43.6 examples/s with it against 49.2
+and 46.0 without at batch 32; 69.8 and 66.6 against 76.8 and 71.1 at batch
+128) and bfloat16 the same speed; on AMD Zen 5 (family 26) it gained
+nothing (float32 at batch 128, processes alternated: 77.6, 71.6, 81.7,
+84.0, 83.3 examples/s with it, 82.3, 80.3, 92.5, 95.2 without; batch 32
+and bfloat16 the same within the noise); other CPUs were not measured. An
+`xla_cpu_experimental_ynn_fusion_type` already in XLA_FLAGS is left alone;
+T5BEAM_XLA_CPU_TUNING=0 turns this off and =1 sets the flag whatever the
+CPU. It has no effect on GPU or TPU.
 """
 
 import ctypes
@@ -30,7 +34,7 @@ import importlib.metadata
 import logging
 import os
 import sys
-from typing import FrozenSet, Optional
+from typing import FrozenSet, NamedTuple, Optional
 
 TUNING_ENV = 'T5BEAM_XLA_CPU_TUNING'
 _YNN_FLAG = 'xla_cpu_experimental_ynn_fusion_type'
@@ -51,35 +55,55 @@ def jax_backend_started() -> bool:
   return xla_bridge.backends_are_initialized()
 
 
+class Cpu(NamedTuple):
+  """What /proc/cpuinfo says of this CPU's first processor."""
+  vendor: str  # vendor_id: 'AuthenticAMD', 'GenuineIntel', ...
+  family: int  # cpu family (AMD: 25 is Zen 3 and Zen 4, 26 is Zen 5)
+  flags: FrozenSet[str]
+
+
 @functools.lru_cache(maxsize=None)
-def cpu_flags() -> FrozenSet[str]:
-  """The feature flags of this (Linux) CPU from /proc/cpuinfo; empty
-  elsewhere."""
+def this_cpu() -> Cpu:
+  """This (Linux) CPU's vendor, family and feature flags; empty elsewhere."""
+  fields = {}
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
-        if line.startswith('flags'):
-          return frozenset(line.split(':', 1)[1].split())
+        if not line.strip():
+          break  # the end of the first processor's block
+        key, _, value = line.partition(':')
+        fields[key.strip()] = value.strip()
   except OSError:
     pass
-  return frozenset()
+  try:
+    family = int(fields.get('cpu family', ''))
+  except ValueError:
+    family = 0
+  return Cpu(fields.get('vendor_id', ''), family,
+             frozenset(fields.get('flags', '').split()))
 
 
-def ynn_fusion_wanted(flags: FrozenSet[str]) -> bool:
-  """Whether a CPU with these features decodes faster with YNN kept to
-  individual matmuls: not with AMX (measured on a Xeon), yes otherwise
-  (measured on Zen 4)."""
-  return 'amx_tile' not in flags
+def cpu_flags() -> FrozenSet[str]:
+  """The feature flags of this (Linux) CPU from /proc/cpuinfo; empty
+  elsewhere."""
+  return this_cpu().flags
 
 
-def xla_cpu_flags(flags: Optional[FrozenSet[str]] = None) -> str:
-  """The XLA flags `configure_xla_cpu` adds on a CPU with `flags` (default:
-  this one's); '' when none apply."""
+def ynn_fusion_wanted(cpu: Cpu) -> bool:
+  """Whether this CPU decodes faster with YNN kept to individual matmuls:
+  measured so on AMD Zen 4 only (see the module's docstring)."""
+  return (cpu.vendor == 'AuthenticAMD' and cpu.family == 25 and
+          'avx512_bf16' in cpu.flags)
+
+
+def xla_cpu_flags(cpu: Optional[Cpu] = None) -> str:
+  """The XLA flags `configure_xla_cpu` adds on `cpu` (default: this one);
+  '' when none apply."""
   setting = os.environ.get(TUNING_ENV, '')
   if setting == '0':
     return ''
   if setting != '1' and not ynn_fusion_wanted(
-      cpu_flags() if flags is None else flags):
+      this_cpu() if cpu is None else cpu):
     return ''
   if _YNN_FLAG in os.environ.get('XLA_FLAGS', ''):
     return ''

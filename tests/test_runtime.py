@@ -52,13 +52,31 @@ def test_the_flag_is_chosen_by_the_cpus_features(monkeypatch):
   from model import runtime  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv(runtime.TUNING_ENV, raising=False)
   monkeypatch.delenv('XLA_FLAGS', raising=False)
-  zen4 = frozenset({'avx512f', 'avx512_bf16'})
-  xeon_with_amx = zen4 | {'amx_bf16', 'amx_tile'}
-  assert runtime.xla_cpu_flags(zen4) == (
-      '--xla_cpu_experimental_ynn_fusion_type=individual_dot')
-  assert runtime.xla_cpu_flags(frozenset()) == runtime.xla_cpu_flags(zen4)
-  assert runtime.xla_cpu_flags(xeon_with_amx) == ''
+  zen4 = runtime.Cpu('AuthenticAMD', 25, frozenset({'avx512f', 'avx512_bf16'}))
+  zen3 = runtime.Cpu('AuthenticAMD', 25, frozenset({'avx2'}))
+  zen5 = zen4._replace(family=26)
+  xeon_with_amx = runtime.Cpu('GenuineIntel', 6,
+                              zen4.flags | {'amx_bf16', 'amx_tile'})
+  unknown = runtime.Cpu('', 0, frozenset())
+  flag = '--xla_cpu_experimental_ynn_fusion_type=individual_dot'
+  # Set only where it was measured to help.
+  assert runtime.xla_cpu_flags(zen4) == flag
+  for cpu in (zen3, zen5, xeon_with_amx, unknown):
+    assert runtime.xla_cpu_flags(cpu) == '', cpu
   monkeypatch.setenv(runtime.TUNING_ENV, '1')
-  assert runtime.xla_cpu_flags(xeon_with_amx) == runtime.xla_cpu_flags(zen4)
+  assert runtime.xla_cpu_flags(xeon_with_amx) == flag
   monkeypatch.setenv(runtime.TUNING_ENV, '0')
   assert runtime.xla_cpu_flags(zen4) == ''
+
+
+def test_this_cpu_is_read_from_proc_cpuinfo():
+  from model import runtime  # pylint: disable=g-import-not-at-top
+  cpu = runtime.this_cpu()
+  if not os.path.exists('/proc/cpuinfo'):
+    assert cpu == runtime.Cpu('', 0, frozenset())
+    return
+  with open('/proc/cpuinfo') as f:
+    text = f.read()
+  assert f'vendor_id\t: {cpu.vendor}\n' in text
+  assert f'cpu family\t: {cpu.family}\n' in text
+  assert cpu.flags and all(f' {flag}' in text for flag in cpu.flags)
