@@ -184,10 +184,10 @@ def main():
   parser.add_argument('--factor', type=int, default=10)
   parser.add_argument('--plan-chunks', type=int, default=100_000)
   # The loopback server preloads its data directory in time quadratic in
-  # the object count (each object it adds scans the bucket's list: 22 s
-  # for 10^4 here, 4.5x that for twice as many, so by extrapolation most of
-  # an hour for 10^5), so its default is smaller. The
-  # preload is waited for and reported apart; only the listing is timed.
+  # the object count (each object it adds scans the bucket's list: 12.7-22
+  # s for 10^4 here, 84.5 s for 2x10^4, so by extrapolation most of an
+  # hour for 10^5), so its default is smaller. The preload is waited for
+  # and reported apart; only the listing is timed.
   parser.add_argument('--gcs-plan-chunks', type=int, default=10_000)
   parser.add_argument('--no-gcs', action='store_true')
   parser.add_argument('--plan-only', help=argparse.SUPPRESS)

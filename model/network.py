@@ -344,8 +344,8 @@ class MlpBlock(nn.Module):
     if cfg.gated:
       fused = fused_kernel(self, 'wi', lambda: [self.wi_0(), self.wi_1()])
       # [batch, length, d_model] -> 2 x [batch, length, d_ff]
-      gate, linear = fused_matmul(x.astype(dtype), fused, 2,
-                                  cfg.model_axis_size, keep_float32=True)
+      gate, linear = fused_matmul(x, fused, 2, cfg.model_axis_size,
+                                  keep_float32=True)
       hidden = activation(gate) * linear
     else:
       hidden = activation(dot(x, self.wi().astype(dtype), keep_float32=True))

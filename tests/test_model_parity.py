@@ -270,7 +270,7 @@ def test_every_product_accumulates_in_float32(dtype):
   assert tanhs and all(t.endswith('xf32') for t in tanhs), tanhs
 
 
-def test_bfloat16_greedy_agrees_with_float32(pair, inputs, tmp_path_factory):
+def test_bfloat16_greedy_agrees_with_float32(pair, inputs):
   """The same checkpoint restored in bfloat16 (activations follow) decodes
   the float32 model's sequences but for a few: measured 63 of 64 (T5
   1.0-style) and 62 of 64 (T5 1.1-style) equal token for token; the rest
