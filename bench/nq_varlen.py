@@ -23,6 +23,7 @@ within --near_tie of each other). Not a test: run it by hand.
 
     .venv/bin/python bench/nq_varlen.py [--examples 2048] [--batch_sizes 32,128]
         [--dtype bfloat16] [--modes static,length,continuous] [--uniform]
+        [--decoding beam_search:4]
 """
 
 import argparse
@@ -37,11 +38,13 @@ from model import runtime  # pylint: disable=g-import-not-at-top
 
 runtime.configure_xla_cpu()  # before JAX starts
 
+import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import torch
 
 from bench.nq_small_greedy import cpu_report, shared_weights
 from model.batching import Batching, row_buckets
+from model.decoding import DecodingConfig
 from model.inference import InferenceModel
 
 FEATURE_LENGTH = 64
@@ -126,7 +129,15 @@ def main():
                       help='our concurrent halves (auto: the CPU default)')
   parser.add_argument('--dtype', default='float32',
                       choices=('float32', 'bfloat16'))
+  parser.add_argument('--decoding', default='greedy',
+                      help="'greedy', 'beam_search:K' or "
+                      "'temperature_sample:N' (K beams or N samples per "
+                      'example; not greedy: no transformers side, every '
+                      "side's best decodes compared with static batching's)")
   args = parser.parse_args()
+  decoding = decoding_of(args.decoding)
+  if decoding.strategy != 'greedy':
+    args.skip_transformers = True
 
   config, params, hf_model = shared_weights(args.dtype, args.eos_scale)
   model = InferenceModel(config, params, concurrent_halves={
@@ -143,17 +154,20 @@ def main():
   print(f'nq-varlen: {args.examples} examples, input lengths median '
         f'{np.median(input_lengths):.0f} (min {input_lengths.min()}, max '
         f'{input_lengths.max()}) padded to {FEATURE_LENGTH}, at most '
-        f'{DECODE_LENGTH} decoded, EOS row x{args.eos_scale}, {args.dtype}; '
+        f'{DECODE_LENGTH} decoded ({args.decoding}), EOS row '
+        f'x{args.eos_scale}, {args.dtype}; '
         f'torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}')
 
+  rng = (np.asarray(jax.random.split(jax.random.PRNGKey(0), len(inputs)))
+         if decoding.needs_rng else None)
   for batch_size in [int(b) for b in args.batch_sizes.split(',')]:
     sides = {}
     for mode in args.modes.split(','):
       batching = Batching(mode, refill_group=args.refill_group)
       run = (lambda batching: lambda examples=inputs: model.predict_examples(
           examples, batch_size=batch_size, max_length=DECODE_LENGTH,
-          batching=batching, queue_rows=len(inputs),
-          stop_at_eos=not args.uniform))(batching)
+          batching=batching, queue_rows=len(inputs), decoding=decoding,
+          rng=rng, stop_at_eos=not args.uniform))(batching)
       # Compile first: one example of each length bucket (length-aware
       # batching compiles a batch shape per bucket; continuous batching
       # one program for the queue's size).
@@ -194,7 +208,22 @@ def main():
                    f'{len(differ)} ({(gaps <= args.near_tie).sum()} at a '
                    f'near-tie; largest gap '
                    f'{gaps.max() if len(gaps) else 0:.2g})')
+        elif name != 'static' and 'static' in tokens:
+          differ = (tokens[name] != tokens['static']).any(axis=1)
+          line += f'; differing from static: {differ.sum()} of {len(differ)}'
       print(line, flush=True)
+
+
+def decoding_of(text: str) -> DecodingConfig:
+  """--decoding: 'greedy', 'beam_search:K' or 'temperature_sample:N'
+  (sampling at temperature 1 over the whole vocabulary)."""
+  strategy, _, count = text.partition(':')
+  if strategy == 'greedy':
+    return DecodingConfig()
+  if strategy == 'beam_search':
+    return DecodingConfig('beam_search', num_decodes=int(count or 4))
+  return DecodingConfig('temperature_sample', num_decodes=int(count or 1),
+                        temperature=1.0, topk=0)
 
 
 if __name__ == '__main__':

@@ -16,9 +16,9 @@ float32 summation order, so near-ties aside):
   bucket used, and an example's result does not depend on its batch.
 - 'continuous': sorted the same way, then decoded by `batch_size` rows that
   never wait for each other: a row whose answer ends takes the next
-  example (`model.decoding.continuous_decode`). Greedy decoding and
-  sampling with one decode per example; other decodings (beam search,
-  several samples) and scoring use 'length'.
+  example (`model.decoding.continuous_decode`). Every decoding: a row
+  per sample (each of an example's samples is a sequence of its own), the
+  K rows of one example's beams for beam search; scoring uses 'length'.
 """
 
 import dataclasses
@@ -70,10 +70,10 @@ class Batching:
 
 
 def continuous_applies(mode: str, decoding) -> bool:
-  """Whether continuous batching can run this: decoding (not scoring), one
-  greedy or sampled sequence per example."""
-  return (mode != 'score' and decoding.strategy != 'beam_search' and
-          decoding.num_decodes == 1)
+  """Whether continuous batching can run this: decoding (every strategy,
+  any num_decodes), not scoring (which has no answer to wait for)."""
+  del decoding
+  return mode != 'score'
 
 
 def effective_mode(batching: str, mode: str, decoding) -> str:

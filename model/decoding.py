@@ -8,7 +8,7 @@ keys/values computed once per batch. Call these through `jax.jit` (see `model.in
 """
 
 import dataclasses
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,9 @@ import jax.numpy as jnp
 from model import partitioning
 from model.network import CACHE_AXES, MASK_VALUE, Transformer
 from model.screened_argmax import first_argmax, screened_argmax
+
+# Beam search's empty score: finite, so the arithmetic stays NaN-free.
+NEG_INF = -1e9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,25 +349,10 @@ def beam_search(module: Transformer, variables,
   cross, self_bias_table, encoder_mask = _decoder_inputs(
       module, variables, encoder_input_tokens, max_length, copies=k)
   steps = max_length if max_steps is None else min(max_steps, max_length)
-  neg_inf = jnp.array(-1e9, jnp.float32)  # finite: keeps the math NaN-free
-
-  def gather_beams(x, beams):
-    """x [batch, K0, ...], beams [batch, K1] indices -> [batch, K1, ...]."""
-    return jnp.take_along_axis(
-        x, beams.reshape(beams.shape + (1,) * (x.ndim - 2)), axis=1)
-
-  def gather_cache(cache, beams):
-    """Cache rows are [batch * K, ...]; reorder each example's K rows."""
-    def gather(c):
-      grouped = c.reshape((batch_size, k) + c.shape[1:])
-      return gather_beams(grouped, beams).reshape(c.shape)
-    return jax.tree_util.tree_map(gather, cache)
 
   def should_continue(state: BeamState):
-    best_live = state.live_scores[:, -1] / brevity_penalty(alpha, steps)
-    worst_finished = state.finished_scores[:, 0]
-    can_improve = jnp.any(best_live > worst_finished)
-    return (state.step < steps) & can_improve
+    return (state.step < steps) & jnp.any(_can_improve(
+        state.live_scores, state.finished_scores, alpha, steps))
 
   def search_one(state: BeamState) -> BeamState:
     last = jax.lax.dynamic_slice_in_dim(state.live_tokens, state.step - 1, 1,
@@ -375,50 +363,29 @@ def beam_search(module: Transformer, variables,
                                  encoder_mask, method='decode_step')
     log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(
         batch_size, k, -1)
-    vocab = log_probs.shape[-1]
-    candidates = (state.live_scores[..., None] + log_probs).reshape(
-        batch_size, k * vocab)
-    top_scores, top_index = jax.lax.top_k(candidates, 2 * k)
-    top_beam, top_token = top_index // vocab, top_index % vocab
-    top_tokens = gather_beams(state.live_tokens, top_beam)
-    top_tokens = jax.lax.dynamic_update_slice_in_dim(
-        top_tokens, top_token[..., None].astype(jnp.int32), state.step,
-        axis=2)
-    ended = top_token == eos_id
-    # Live: the best K candidates that did not end, kept in increasing
-    # order of score (top_k gives decreasing order).
-    live_scores, live_pick = jax.lax.top_k(
-        jnp.where(ended, neg_inf, top_scores), k)
-    live_scores, live_pick = live_scores[:, ::-1], live_pick[:, ::-1]
-    live_tokens = gather_beams(top_tokens, live_pick)
-    cache = gather_cache(cache, gather_beams(top_beam, live_pick))
-    # Finished: the candidates that ended, merged into the finished set.
-    new_finished = jnp.where(
-        ended, top_scores / brevity_penalty(alpha, state.step + 1), neg_inf)
-    all_scores = jnp.concatenate([state.finished_scores, new_finished], 1)
-    all_tokens = jnp.concatenate([state.finished_tokens, top_tokens], 1)
-    finished_scores, finished_pick = jax.lax.top_k(all_scores, k)
-    finished_scores = finished_scores[:, ::-1]
-    finished_tokens = gather_beams(all_tokens, finished_pick[:, ::-1])
-    return BeamState(state.step + 1, live_tokens, live_scores,
-                     finished_tokens, finished_scores, cache)
+    beams, parents = _beam_step(
+        state.live_tokens, state.live_scores, state.finished_tokens,
+        state.finished_scores, log_probs, state.step, eos_id=eos_id,
+        alpha=alpha)
+    # Cache rows are [batch * K, ...]: each example's K rows follow its
+    # live beams.
+    cache = jax.tree_util.tree_map(
+        lambda c: _gather_beams(c.reshape((batch_size, k) + c.shape[1:]),
+                                parents).reshape(c.shape), cache)
+    return BeamState(state.step + 1, *beams, cache)
 
   live_scores = jnp.concatenate(
-      [jnp.full((batch_size, k - 1), neg_inf), jnp.zeros((batch_size, 1))], 1)
+      [jnp.full((batch_size, k - 1), NEG_INF), jnp.zeros((batch_size, 1))], 1)
   initial = BeamState(
       step=jnp.array(0, jnp.int32),
       live_tokens=jnp.zeros((batch_size, k, max_length), jnp.int32),
       live_scores=live_scores,
       finished_tokens=jnp.zeros((batch_size, k, max_length), jnp.int32),
-      finished_scores=jnp.full((batch_size, k), neg_inf),
+      finished_scores=jnp.full((batch_size, k), NEG_INF),
       cache=module.init_cache(batch_size * k, max_length))
   final = jax.lax.while_loop(should_continue, search_one, initial)
-  any_finished = final.finished_scores[:, -1] > neg_inf / 2
-  tokens = jnp.where(any_finished[:, None, None], final.finished_tokens,
-                     final.live_tokens)
-  scores = jnp.where(any_finished[:, None], final.finished_scores,
-                     final.live_scores)
-  return tokens, scores
+  return _beam_result(final.live_tokens, final.live_scores,
+                      final.finished_tokens, final.finished_scores)
 
 
 def token_log_likelihoods(module: Transformer, variables,
@@ -444,36 +411,207 @@ def token_log_likelihoods(module: Transformer, variables,
 
 
 class SlotState(NamedTuple):
-  """Continuous batching's carry: `slots` decoding rows, each holding one
-  queue item (an example, or one decode of it) until it ends, then the next.
+  """Continuous batching's carry: `slots` slots of `rows` decoding rows each
+  (one row for greedy decoding and sampling, the beams of one example for
+  beam search); a slot holds one queue item (an example, or one sample of
+  it) until it ends, then the next.
 
   step:        scalar int32, steps taken; the cache row written now is
                step % cache length (a ring: a row's sequence never wraps
                onto itself, since it is at most that long).
   next_item:   scalar int32, the first queue item not yet in a slot.
-  item:        [slots] int32, the item in each slot (num_items+ when empty).
+  item:        [slots] int32, the item in each slot (items+ when empty).
   position:    [slots] int32, the position each slot decodes next.
-  last_token:  [slots] int32, the token fed at `position`.
   active:      [slots] bool, the slot holds an unfinished item.
-  keys:        [slots, 2] uint32, each slot's sampling key.
-  cache:       per decoder layer (keys, values) [slots, heads, L, d_kv].
-  cross:       per decoder layer (keys, values) [slots, heads, in_len, d_kv].
-  encoder_mask: [slots, in_len] bool.
-  tokens:      [items, L] int32, the output; 0 after each EOS.
-  scores:      [items] float32.
+  cache:       per decoder layer (keys, values) [slots*rows, heads, L, d_kv].
+  cross:       per decoder layer (keys, values) [slots*rows, heads, in_len,
+               d_kv].
+  encoder_mask: [slots*rows, in_len] bool.
+  search:      the search's own carry (`_SlotRows` or `_SlotBeams`).
+  out:         (tokens [items, ..., L] int32, scores [items, ...] float32),
+               the output; 0 after each EOS.
   """
   step: jax.Array
   next_item: jax.Array
   item: jax.Array
   position: jax.Array
-  last_token: jax.Array
   active: jax.Array
-  keys: jax.Array
   cache: list
   cross: list
   encoder_mask: jax.Array
-  tokens: jax.Array
-  scores: jax.Array
+  search: Any
+  out: Tuple[jax.Array, jax.Array]
+
+
+class _SlotRows:
+  """Greedy decoding or sampling in continuous batching: one row per slot,
+  each queue item one sequence. Carry: (last token [slots] int32, sampling
+  key [slots, 2] uint32); output ([items, L], [items])."""
+  rows = 1
+
+  def __init__(self, pick, from_hidden: bool, queue_keys, eos_id, steps,
+               start_id: int):
+    self.pick, self.from_hidden = pick, from_hidden
+    self.queue_keys, self.eos_id = queue_keys, eos_id
+    self.steps, self.start_id = steps, start_id
+
+  def init(self, slots: int, items: int, max_length: int):
+    carry = (jnp.full((slots,), self.start_id, jnp.int32),
+             jnp.zeros((slots, 2), self.queue_keys.dtype))
+    return carry, (jnp.zeros((items, max_length), jnp.int32),
+                   jnp.zeros((items,), jnp.float32))
+
+  def enter(self, carry, put, group_items):
+    last_token, keys = carry
+    count = group_items.shape[0]
+    return (put(last_token, jnp.full(count, self.start_id, jnp.int32)),
+            put(keys, jnp.take(self.queue_keys, group_items, axis=0)))
+
+  def feed(self, state: SlotState):
+    return state.search[0]
+
+  def advance(self, state: SlotState, outputs):
+    """(carry, out, beams, ended): the step's token for every row."""
+    _, keys = state.search
+    token, token_score = self.pick(outputs, state.position, keys)
+    token = jnp.where(state.active, token, 0)
+    items = state.out[0].shape[0]
+    item = jnp.where(state.active, state.item, items)  # inactive: dropped
+    tokens = state.out[0].at[item, state.position].set(token, mode='drop')
+    scores = state.out[1].at[item].add(token_score, mode='drop')
+    ended = state.position + 1 >= self.steps
+    if self.eos_id is not None:
+      ended = ended | (token == self.eos_id)
+    return (token, keys), (tokens, scores), None, ended
+
+
+class _BeamCarry(NamedTuple):
+  """Each slot's beams: live_tokens [slots, K, L], live_scores [slots, K]
+  (summed log-probs), finished_tokens [slots, K, L], finished_scores
+  [slots, K] (over the brevity penalty, NEG_INF where empty); increasing
+  score along K, as in `BeamState`."""
+  live_tokens: jax.Array
+  live_scores: jax.Array
+  finished_tokens: jax.Array
+  finished_scores: jax.Array
+
+
+def _gather_beams(x, beams):
+  """x [batch, K0, ...], beams [batch, K1] indices -> [batch, K1, ...]."""
+  return jnp.take_along_axis(
+      x, beams.reshape(beams.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _beam_step(live_tokens, live_scores, finished_tokens, finished_scores,
+               log_probs, position, *, eos_id, alpha):
+  """One step of beam search for every example: log_probs [batch, K, vocab]
+  of each live beam's next token, written at `position` ([batch] or a
+  scalar). Returns the new (live_tokens, live_scores, finished_tokens,
+  finished_scores) and the live beams' parents [batch, K] (for the cache).
+  Among twice K candidates, the best K that did not end stay live; those
+  that ended join the finished set with their length-normalised score."""
+  batch, k, vocab = log_probs.shape
+  candidates = (live_scores[..., None] + log_probs).reshape(batch, k * vocab)
+  top_scores, top_index = jax.lax.top_k(candidates, 2 * k)
+  top_beam, top_token = top_index // vocab, top_index % vocab
+  top_tokens = _gather_beams(live_tokens, top_beam)
+  at = jnp.arange(live_tokens.shape[-1]) == jnp.reshape(position, (-1, 1, 1))
+  top_tokens = jnp.where(at, top_token[..., None].astype(jnp.int32),
+                         top_tokens)
+  ended = top_token == eos_id
+  # Live: the best K candidates that did not end, kept in increasing order
+  # of score (top_k gives decreasing order).
+  live_scores, live_pick = jax.lax.top_k(
+      jnp.where(ended, NEG_INF, top_scores), k)
+  live_scores, live_pick = live_scores[:, ::-1], live_pick[:, ::-1]
+  live_tokens = _gather_beams(top_tokens, live_pick)
+  parents = _gather_beams(top_beam, live_pick)
+  length = jnp.reshape(position, (-1, 1)) + 1
+  new_finished = jnp.where(
+      ended, top_scores / brevity_penalty(alpha, length), NEG_INF)
+  all_scores = jnp.concatenate([finished_scores, new_finished], 1)
+  all_tokens = jnp.concatenate([finished_tokens, top_tokens], 1)
+  finished_scores, finished_pick = jax.lax.top_k(all_scores, k)
+  finished_scores = finished_scores[:, ::-1]
+  finished_tokens = _gather_beams(all_tokens, finished_pick[:, ::-1])
+  return (live_tokens, live_scores, finished_tokens, finished_scores), parents
+
+
+def _can_improve(live_scores, finished_scores, alpha, steps):
+  """[batch] whether an example's best live beam, even at the longest
+  length, could still beat its worst finished one."""
+  best_live = live_scores[:, -1] / brevity_penalty(alpha, steps)
+  return best_live > finished_scores[:, 0]
+
+
+def _beam_result(live_tokens, live_scores, finished_tokens, finished_scores):
+  """The finished beams, or the live ones where none finished."""
+  any_finished = finished_scores[:, -1] > NEG_INF / 2
+  return (jnp.where(any_finished[:, None, None], finished_tokens,
+                    live_tokens),
+          jnp.where(any_finished[:, None], finished_scores, live_scores))
+
+
+class _SlotBeams:
+  """Beam search in continuous batching: a slot holds one example's K beams
+  (K consecutive rows), which it keeps together until the example's search
+  ends (at the step limit, or when no live beam can beat its worst finished
+  one); output ([items, K, L], [items, K]), increasing score."""
+
+  def __init__(self, k: int, alpha: float, eos_id, steps, start_id: int):
+    self.rows, self.alpha, self.eos_id = k, alpha, eos_id
+    self.steps, self.start_id = steps, start_id
+    self.from_hidden = False
+
+  def _fresh(self, count: int, max_length: int) -> _BeamCarry:
+    k = self.rows
+    live_scores = jnp.concatenate(
+        [jnp.full((count, k - 1), NEG_INF), jnp.zeros((count, 1))], 1)
+    return _BeamCarry(jnp.zeros((count, k, max_length), jnp.int32),
+                      live_scores,
+                      jnp.zeros((count, k, max_length), jnp.int32),
+                      jnp.full((count, k), NEG_INF))
+
+  def init(self, slots: int, items: int, max_length: int):
+    return self._fresh(slots, max_length), (
+        jnp.zeros((items, self.rows, max_length), jnp.int32),
+        jnp.zeros((items, self.rows), jnp.float32))
+
+  def enter(self, carry: _BeamCarry, put, group_items):
+    fresh = self._fresh(group_items.shape[0], carry.live_tokens.shape[-1])
+    return _BeamCarry(*(put(a, b) for a, b in zip(carry, fresh)))
+
+  def feed(self, state: SlotState):
+    """Each beam's last token; the start token in a fresh or empty slot.
+    (An empty slot's position runs past the cache: reading there would
+    give a token out of the vocabulary, whose NaN embedding would reach
+    the slot's cache rows and, through attention's zero weights, the next
+    example in the slot.)"""
+    live_tokens = state.search.live_tokens
+    length = live_tokens.shape[-1]
+    previous = jnp.clip(state.position - 1, 0, length - 1)[:, None, None]
+    last = jnp.take_along_axis(
+        live_tokens, jnp.broadcast_to(previous, live_tokens.shape[:2] + (1,)),
+        axis=2)[..., 0]
+    fresh = (state.position == 0) | ~state.active
+    last = jnp.where(fresh[:, None], self.start_id, last)
+    return last.reshape(-1)
+
+  def advance(self, state: SlotState, outputs):
+    slots = state.position.shape[0]
+    log_probs = jax.nn.log_softmax(outputs, axis=-1).reshape(
+        slots, self.rows, -1)
+    carry, parents = _beam_step(*state.search, log_probs, state.position,
+                                eos_id=self.eos_id, alpha=self.alpha)
+    carry = _BeamCarry(*carry)
+    ended = (state.position + 1 >= self.steps) | ~_can_improve(
+        carry.live_scores, carry.finished_scores, self.alpha, self.steps)
+    items = state.out[0].shape[0]
+    item = jnp.where(state.active & ended, state.item, items)
+    tokens, scores = _beam_result(*carry)
+    out = (state.out[0].at[item].set(tokens, mode='drop'),
+           state.out[1].at[item].set(scores, mode='drop'))
+    return carry, out, parents, ended
 
 
 def continuous_decode(module: Transformer, variables, queue_tokens,
@@ -481,47 +619,64 @@ def continuous_decode(module: Transformer, variables, queue_tokens,
                       buckets: Tuple[int, ...], max_length: int,
                       eos_id: Optional[int], config: DecodingConfig,
                       return_scores: bool = True, argmax_screen=None):
-  """Greedy decoding or sampling of a queue of items with `slots` rows that
-  never wait for each other: when a row's sequence ends, the row takes the
-  next item. Returns (tokens [items, max_length], scores [items]) of the
-  first `num_items` (a traced scalar) of `queue_tokens` [items, in_len].
+  """Decodes a queue of examples with `slots` slots that never wait for
+  each other: when a slot's search ends, the slot takes the next queue
+  item. Returns (tokens [examples, n, max_length], scores [examples, n]),
+  n = num_decodes, each example's decodes in increasing score, for the
+  first `num_items` (a traced scalar) of `queue_tokens` [examples, in_len].
 
-  Items enter `group` at a time, once that many rows are free (or all that
-  are left): the encoder runs on the group, and its cross-attention keys
-  and values are written into the free rows. The work goes in phases, one
-  per bucket of `buckets` (input lengths; in_len is always the last): the
-  phase of bucket b takes the items up to the first longer than b, and runs
-  their encoder and every row's cross-attention at width b. A queue sorted
-  by input length therefore spends little on padding; any order gives the
-  same tokens. Every shape is fixed, so one compilation serves any queue of
-  this size, on any backend.
+  Greedy decoding and sampling: a slot is one row, and each decode of an
+  example is a queue item of its own (its n samples run in any slots).
+  Beam search: a slot is the K = num_decodes rows of one example's beams,
+  kept together (the cache reordered within the slot).
 
-  Each item's tokens are those static batching gives it (decoding a row
-  reads nothing of other rows), up to float32 summation order: the ring
-  cache visits positions in a rotated order. `queue_keys` [items, 2]: each
-  item's sampling key (its example's key; the row draws from
-  decode_keys(key, 0) at fold_in(row key, position), as static batching
-  does).
+  Items enter `group` at a time, once that many slots are free (or all
+  that are left): the encoder runs on the group, and its cross-attention
+  keys and values are written into the free slots' rows. The work goes in
+  phases, one per bucket of `buckets` (input lengths; in_len is always the
+  last): the phase of bucket b takes the items up to the first longer than
+  b, and runs their encoder and every row's cross-attention at width b. A
+  queue sorted by input length therefore spends little on padding; any
+  order gives the same tokens. Every shape is fixed, so one compilation
+  serves any queue of this size, on any backend.
+
+  Each example's result is what static batching gives it (a slot's search
+  reads nothing of other slots), up to float32 summation order: the ring
+  cache visits positions in a rotated order. `queue_keys` [examples, 2]:
+  each example's sampling key; decode d draws from decode_keys(key, d) at
+  fold_in(that key, position), as static batching does.
   """
   cfg = module.config
-  items, in_len = queue_tokens.shape
+  examples, in_len = queue_tokens.shape
   steps = max_length if config.max_decode_steps is None else min(
       config.max_decode_steps, max_length)
-  pick, from_hidden = _picker(config, return_scores, argmax_screen)
-  if config.num_decodes != 1 or config.strategy == 'beam_search':
-    raise ValueError('continuous batching decodes one sequence per example '
-                     '(greedy or temperature_sample with num_decodes=1)')
   if not 1 <= group <= slots:
     raise ValueError(f'refill group {group} must lie in 1..{slots} (slots)')
   buckets = tuple(sorted(set(int(b) for b in buckets) | {in_len}))
   if buckets[0] < 1 or buckets[-1] != in_len:
     raise ValueError(f'length buckets {buckets} must lie in 1..{in_len}')
-  queue_keys = decode_keys(queue_keys, jnp.zeros(items, jnp.int32))
+  copies = config.num_decodes
+  if config.strategy == 'beam_search':
+    search = _SlotBeams(copies, config.alpha, eos_id, steps,
+                        cfg.decoder_start_id)
+    queue_keys = jnp.zeros((examples, 2), jnp.uint32)  # nothing drawn
+  else:
+    # Example-major: example i's decodes are items i*n .. i*n+n-1.
+    queue_tokens = jnp.repeat(queue_tokens, copies, axis=0)
+    queue_keys = decode_keys(jnp.repeat(queue_keys, copies, axis=0),
+                             jnp.tile(jnp.arange(copies), examples))
+    num_items = num_items * copies
+    pick, from_hidden = _picker(config, return_scores, argmax_screen)
+    search = _SlotRows(pick, from_hidden, queue_keys, eos_id, steps,
+                       cfg.decoder_start_id)
+  items = queue_tokens.shape[0]
+  rows = search.rows
   # Room for a whole group past the end, so a group's slice never shifts.
   queue_tokens = jnp.concatenate(
       [queue_tokens, jnp.zeros((group, in_len), queue_tokens.dtype)])
-  queue_keys = jnp.concatenate(
-      [queue_keys, jnp.zeros((group, 2), queue_keys.dtype)])
+  if isinstance(search, _SlotRows):
+    search.queue_keys = jnp.concatenate(
+        [queue_keys, jnp.zeros((group, 2), queue_keys.dtype)])
   used = jnp.max(jnp.where(queue_tokens != 0, jnp.arange(1, in_len + 1), 0),
                  axis=1)
   # bias_by_age[:, a]: the self-attention bias of a key written `a` steps
@@ -529,16 +684,19 @@ def continuous_decode(module: Transformer, variables, queue_tokens,
   table = module.apply(variables, max_length, method='decoder_self_bias')
   bias_by_age = table[:, max_length - 1, ::-1]  # [heads, L]
 
+  def by_slot(array):
+    return array.reshape((slots, rows) + array.shape[1:])
+
   def wanted(state: SlotState):
-    """Whether enough rows are free for the next group (or for all that is
-    left of the queue)."""
+    """Whether enough slots are free for the next group (or for all that
+    is left of the queue)."""
     waiting = num_items - state.next_item
     free = slots - jnp.sum(state.active)
     return (waiting > 0) & (free >= jnp.minimum(group, waiting))
 
   def phase(state: SlotState, width: int, end, last: bool) -> SlotState:
     """Runs items up to `end` (exclusive) at input width `width`; the last
-    phase also decodes until every row has ended."""
+    phase also decodes until every slot has ended."""
     def refill(state: SlotState) -> SlotState:
       free = ~state.active
       count = jnp.minimum(jnp.minimum(jnp.sum(free), end - state.next_item),
@@ -550,47 +708,48 @@ def continuous_decode(module: Transformer, variables, queue_tokens,
       tokens = jnp.where(taken[:, None], tokens, 0)
       encoded = module.apply(variables, tokens, method='encode')
       cross = module.apply(variables, encoded, method='step_cross_kv')
-      # The first `count` free rows, in row order; the rest of the group
+      # The first `count` free slots, in slot order; the rest of the group
       # goes nowhere (an index past the end is dropped).
-      rows = jnp.where(taken, jnp.argsort(state.active, stable=True)[:group],
-                       slots)
+      chosen = jnp.where(
+          taken, jnp.argsort(state.active, stable=True)[:group], slots)
 
       def put(array, values):
-        return array.at[rows].set(values.astype(array.dtype), mode='drop')
+        return array.at[chosen].set(values.astype(array.dtype), mode='drop')
+
+      def put_rows(array, values):
+        """Each of the group's values into every row of its slot."""
+        values = jnp.broadcast_to(values[:, None], (group, rows) +
+                                  values.shape[1:])
+        return put(by_slot(array), values).reshape(array.shape)
       return state._replace(
           next_item=state.next_item + count,
           item=put(state.item, group_items),
           position=put(state.position, jnp.zeros(group, jnp.int32)),
-          last_token=put(state.last_token,
-                         jnp.full(group, cfg.decoder_start_id, jnp.int32)),
           active=put(state.active, jnp.ones(group, bool)),
-          keys=put(state.keys, jnp.take(queue_keys, group_items, axis=0)),
-          cross=[(put(k, nk), put(v, nv))
+          search=search.enter(state.search, put, group_items),
+          cross=[(put_rows(k, nk), put_rows(v, nv))
                  for (k, v), (nk, nv) in zip(state.cross, cross)],
-          encoder_mask=put(state.encoder_mask, tokens > 0))
+          encoder_mask=put_rows(state.encoder_mask, tokens > 0))
 
     def decode_one(state: SlotState) -> SlotState:
       write = state.step % max_length
       age = (write - jnp.arange(max_length)) % max_length
-      visible = age[None, :] <= state.position[:, None]  # [slots, L]
+      position = jnp.repeat(state.position, rows)
+      visible = age[None, :] <= position[:, None]  # [slots*rows, L]
       self_bias = jnp.where(visible[:, None, None, :],
                             bias_by_age[:, age][None, :, None, :], MASK_VALUE)
-      outputs, cache = module.apply(variables, state.last_token, write,
+      outputs, cache = module.apply(variables, search.feed(state), write,
                                     state.cache, self_bias, state.cross,
-                                    state.encoder_mask, from_hidden,
+                                    state.encoder_mask, search.from_hidden,
                                     method='decode_step_biased')
-      token, token_score = pick(outputs, state.position, state.keys)
-      token = jnp.where(state.active, token, 0)
-      item = jnp.where(state.active, state.item, items)  # inactive: dropped
-      tokens = state.tokens.at[item, state.position].set(token, mode='drop')
-      scores = state.scores.at[item].add(token_score, mode='drop')
-      ended = state.position + 1 >= steps
-      if eos_id is not None:
-        ended = ended | (token == eos_id)
+      carry, out, parents, ended = search.advance(state, outputs)
+      if parents is not None:  # each slot's rows follow its live beams
+        cache = jax.tree_util.tree_map(
+            lambda c: _gather_beams(by_slot(c), parents).reshape(c.shape),
+            cache)
       return state._replace(
-          step=state.step + 1, position=state.position + 1, last_token=token,
-          active=state.active & ~ended, cache=cache, tokens=tokens,
-          scores=scores)
+          step=state.step + 1, position=state.position + 1,
+          active=state.active & ~ended, cache=cache, search=carry, out=out)
 
     def body(state: SlotState) -> SlotState:
       # Two inner loops, not a conditional choosing per step: with one,
@@ -610,25 +769,22 @@ def continuous_decode(module: Transformer, variables, queue_tokens,
     return jax.lax.while_loop(more, body, state)
 
   dtype = module.init_cache(1, 1)[0][0].dtype
+  carry, out = search.init(slots, items, max_length)
   state = SlotState(
       step=jnp.array(0, jnp.int32),
       next_item=jnp.array(0, jnp.int32),
       item=jnp.full((slots,), items, jnp.int32),
       position=jnp.zeros((slots,), jnp.int32),
-      last_token=jnp.full((slots,), cfg.decoder_start_id, jnp.int32),
       active=jnp.zeros((slots,), bool),
-      keys=jnp.zeros((slots, 2), queue_keys.dtype),
-      cache=module.init_cache(slots, max_length),
-      cross=None, encoder_mask=None,
-      tokens=jnp.zeros((items, max_length), jnp.int32),
-      scores=jnp.zeros((items,), jnp.float32))
+      cache=module.init_cache(slots * rows, max_length),
+      cross=None, encoder_mask=None, search=carry, out=out)
   for index, width in enumerate(buckets):
     if index == 0:
-      shape = (slots, cfg.num_heads, width, cfg.d_kv)
+      shape = (slots * rows, cfg.num_heads, width, cfg.d_kv)
       cross = [(partitioning.constrain(jnp.zeros(shape, dtype), CACHE_AXES),
                 partitioning.constrain(jnp.zeros(shape, dtype), CACHE_AXES))
                for _ in range(cfg.num_decoder_layers)]
-      mask = jnp.zeros((slots, width), bool)
+      mask = jnp.zeros((slots * rows, width), bool)
     else:  # the rows still decoding keep their keys and values, wider
       pad = [(0, 0), (0, 0), (0, width - buckets[index - 1]), (0, 0)]
       cross = [(jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in state.cross]
@@ -639,4 +795,13 @@ def continuous_decode(module: Transformer, variables, queue_tokens,
     end = jnp.minimum(jnp.min(longer), num_items)
     state = phase(state._replace(cross=cross, encoder_mask=mask), width, end,
                   last=index == len(buckets) - 1)
-  return state.tokens, state.scores
+  tokens, scores = state.out
+  if isinstance(search, _SlotBeams):
+    return tokens, scores
+  tokens = tokens.reshape(examples, copies, max_length)
+  scores = scores.reshape(examples, copies)
+  if copies == 1:
+    return tokens, scores
+  order = jnp.argsort(scores, axis=-1)
+  return (jnp.take_along_axis(tokens, order[..., None], axis=1),
+          jnp.take_along_axis(scores, order, axis=1))

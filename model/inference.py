@@ -296,9 +296,9 @@ class InferenceModel:
           group=batching.group(batch_size), buckets=buckets,
           max_length=max_length, eos_id=eos_id, config=config,
           return_scores=scored, queue_rows=queue_rows)
-      tokens = np.zeros((count, 1, max_length), np.int32)
-      scores = np.zeros((count, 1), np.float32)
-      tokens[order, 0], scores[order, 0] = sorted_tokens, sorted_scores
+      tokens = np.zeros_like(sorted_tokens)
+      scores = np.zeros_like(sorted_scores)
+      tokens[order], scores[order] = sorted_tokens, sorted_scores
     else:
       decode = functools.partial(
           self._decode, self.variables, max_length=max_length,

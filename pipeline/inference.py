@@ -66,9 +66,9 @@ class ModelSpec:
   partitioning: T5X's PjitPartitioner settings; the model runs on a
   ('data', 'model') mesh of every local device of the worker.
   batching: how a chunk's examples become model calls of `batch_size` rows
-  (`model.batching`): 'continuous' (default: rows take the next example as
-  soon as theirs ends; beam search, several decodes and scoring fall back
-  to 'length'), 'length' (sorted by input length, each batch at the
+  (`model.batching`): 'continuous' (default: rows, or the beams of an
+  example, take the next example as soon as theirs ends; scoring falls
+  back to 'length'), 'length' (sorted by input length, each batch at the
   smallest of `length_buckets` holding it) or 'static' (T5X's). Each
   example's record is the same in every mode, up to float32 summation
   order (near-ties).

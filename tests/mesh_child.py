@@ -49,7 +49,12 @@ def batch_of(rng) -> dict:
           'decoder_loss_weights': np.ones_like(targets)}
 
 
-def outputs(model, batch) -> dict:
+# Continuous beam search costs a compilation per mesh (about 10 s here):
+# checked on one style, on a mesh with both axes.
+BEAM_MESHES = ((4, 2),)
+
+
+def outputs(model, batch, continuous_beams: bool = False) -> dict:
   beam_tokens, beam_scores = model.predict_batch(
       batch, decoding=DecodingConfig('beam_search', num_decodes=2,
                                      return_all_decodes=True),
@@ -69,7 +74,19 @@ def outputs(model, batch) -> dict:
   continuous = model.predict_examples(
       twice, batch_size=BATCH, max_length=6,
       batching=Batching('continuous', refill_group=2))
-  return {'samples': samples.tolist(), 'sample_scores': sample_scores.tolist(),
+  found = {}
+  if continuous_beams:
+    # Beam search in continuous batching: each slot holds one example's 2
+    # beams (16 rows, split over the data axis by slot).
+    slot_beams, slot_beam_scores = model.predict_examples(
+        twice, batch_size=BATCH, max_length=6, return_scores=True,
+        decoding=DecodingConfig('beam_search', num_decodes=2,
+                                return_all_decodes=True),
+        batching=Batching('continuous', refill_group=2))
+    found = {'continuous_beams': slot_beams.tolist(),
+             'continuous_beam_scores': slot_beam_scores.tolist()}
+  return {**found,
+          'samples': samples.tolist(), 'sample_scores': sample_scores.tolist(),
           'continuous': continuous.tolist(),
           'greedy': greedy_tokens.tolist(),
           'greedy_scores': greedy_scores.tolist(),
@@ -110,13 +127,15 @@ def main():
     params = network.init_params(config, 3)
     batch = batch_of(rng)
     one = InferenceModel(config, params, concurrent_halves=False)
-    report[style] = {'one_device': outputs(one, batch)}
+    beams = style == 't5_1_1'
+    report[style] = {'one_device': outputs(one, batch, beams)}
     for data, model_axis in MESHES:
       model = InferenceModel(
           config, params,
           partitioning=partitioning.Partitioning(num_partitions=model_axis))
       report[style][f'{data}x{model_axis}'] = dict(
-          outputs(model, batch), mesh=model.mesh_shape,
+          outputs(model, batch, beams and (data, model_axis) in BEAM_MESHES),
+          mesh=model.mesh_shape,
           shards=shard_fractions(model))
   six_heads = style_config('t5_1_1', num_heads=6)
   report['refusals'] = {

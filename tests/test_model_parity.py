@@ -4,12 +4,15 @@ Each reference model is random, saved with `save_pretrained` and read back
 by our Hugging Face checkpoint reader, so the reader is under test too.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 import torch
 from transformers.models.t5 import modeling_t5
 
+from model import batching as batching_lib
 from model import checkpoints
 from model.batching import Batching
 from model.config import T5Config
@@ -316,8 +319,10 @@ def test_every_batching_mode_decodes_as_transformers(pair, inputs, mode):
   np.testing.assert_allclose(scores, static_scores, rtol=1e-5, atol=0)
 
 
-def test_length_aware_beam_search_and_scoring_equal_static(tmp_path_factory,
-                                                           inputs):
+def test_beam_search_and_scoring_equal_static_in_every_mode(
+    tmp_path_factory, inputs):
+  # Continuous: 64 examples through 16 slots of 3 beams each, a slot taking
+  # the next example when its search ends.
   hf, ours, _, _ = _make_pair('t5_1_1_style', tmp_path_factory)
   encoder = _examples_in_varied_order(inputs)
   beam = DecodingConfig('beam_search', num_decodes=3, return_all_decodes=True)
@@ -326,12 +331,15 @@ def test_length_aware_beam_search_and_scoring_equal_static(tmp_path_factory,
                                   max_length=TARGET_LENGTH,
                                   return_scores=True, decoding=beam,
                                   batching=Batching(mode))
-      for mode in ('static', 'continuous')}  # continuous: length-aware here
-  np.testing.assert_array_equal(results['continuous'][0],
-                                results['static'][0])
-  np.testing.assert_allclose(results['continuous'][1], results['static'][1],
-                             rtol=1e-5, atol=0)
+      for mode in ('static', 'length', 'continuous')}
   assert results['static'][0].shape == (BATCH, 3, TARGET_LENGTH)
+  for mode in ('length', 'continuous'):
+    np.testing.assert_array_equal(results[mode][0], results['static'][0])
+    np.testing.assert_allclose(results[mode][1], results['static'][1],
+                               rtol=1e-5, atol=0)
+  # The searches end at varied lengths (so slots are refilled unevenly).
+  best_lengths = batching_lib.used_lengths(results['static'][0][:, -1])
+  assert len(set(best_lengths.tolist())) > 3
 
   _, decoder_inputs, decoder_targets = inputs
   weights = (decoder_targets > 0).astype(np.int32)
@@ -352,6 +360,30 @@ def test_length_aware_beam_search_and_scoring_equal_static(tmp_path_factory,
       atol=1e-3, rtol=0)
 
 
+def test_a_slot_left_empty_for_long_takes_its_next_example_cleanly(
+    tmp_path_factory, inputs):
+  # 4 slots refilled 4 at a time, no EOS (every search runs 12 steps): the
+  # first 4 short examples end together, the fifth (the last of its length
+  # bucket) runs alone while 3 slots stay empty for 12 steps, past the
+  # cache's length, then the 4 long examples enter those slots. What an
+  # empty slot computes must not reach its next example.
+  _, ours, _, _ = _make_pair('t5_1_1_style', tmp_path_factory)
+  encoder, _, _ = inputs
+  short, long = encoder[1:6], encoder[30:34]  # 2..6 tokens; 31..34
+  queue = np.concatenate([short, long])
+  beam = DecodingConfig('beam_search', num_decodes=2, return_all_decodes=True)
+  results = {
+      mode: ours.predict_examples(
+          queue, batch_size=4, max_length=TARGET_LENGTH, return_scores=True,
+          decoding=beam, stop_at_eos=False,
+          batching=Batching(mode, length_buckets=(8,), refill_group=4))
+      for mode in ('static', 'continuous')}
+  np.testing.assert_array_equal(results['continuous'][0],
+                                results['static'][0])
+  np.testing.assert_allclose(results['continuous'][1], results['static'][1],
+                             rtol=1e-5, atol=0)
+
+
 def test_samples_do_not_depend_on_batching(tmp_path_factory, inputs):
   _, ours, _, _ = _make_pair('t5_1_1_style', tmp_path_factory)
   encoder = _examples_in_varied_order(inputs)
@@ -366,6 +398,21 @@ def test_samples_do_not_depend_on_batching(tmp_path_factory, inputs):
   greedy = ours.predict_batch({'encoder_input_tokens': encoder},
                               max_length=TARGET_LENGTH)
   assert (samples['static'] != greedy).any(axis=1).mean() > 0.5
+  # Several samples per example: in continuous batching each is a sequence
+  # of its own, in any row; the same samples and scores, in the same order.
+  several = dataclasses.replace(sampling, num_decodes=3,
+                                return_all_decodes=True)
+  samples = {mode: ours.predict_examples(
+      encoder, batch_size=16, max_length=TARGET_LENGTH, decoding=several,
+      rng=keys, return_scores=True, batching=Batching(mode))
+             for mode in ('static', 'continuous')}
+  assert samples['static'][0].shape == (BATCH, 3, TARGET_LENGTH)
+  np.testing.assert_array_equal(samples['continuous'][0],
+                                samples['static'][0])
+  np.testing.assert_allclose(samples['continuous'][1], samples['static'][1],
+                             rtol=1e-5, atol=0)
+  assert (samples['static'][0][:, 0] != samples['static'][0][:, 1]).any(
+      axis=1).mean() > 0.5
 
 
 def test_compilations_are_bounded_by_the_buckets(tmp_path_factory, inputs):
