@@ -164,15 +164,16 @@ def main():
     sides = {}
     for mode in args.modes.split(','):
       batching = Batching(mode, refill_group=args.refill_group)
-      run = (lambda batching: lambda examples=inputs: model.predict_examples(
-          examples, batch_size=batch_size, max_length=DECODE_LENGTH,
+      run = (lambda batching: lambda rows=slice(None): model.predict_examples(
+          inputs[rows], batch_size=batch_size, max_length=DECODE_LENGTH,
           batching=batching, queue_rows=len(inputs), decoding=decoding,
-          rng=rng, stop_at_eos=not args.uniform))(batching)
+          rng=None if rng is None else rng[rows],
+          stop_at_eos=not args.uniform))(batching)
       # Compile first: one example of each length bucket (length-aware
       # batching compiles a batch shape per bucket; continuous batching
       # one program for the queue's size).
       widths = row_buckets(inputs, batching.buckets(FEATURE_LENGTH))
-      run(inputs[[int(np.argmax(widths == w)) for w in np.unique(widths)]])
+      run([int(np.argmax(widths == w)) for w in np.unique(widths)])
       sides[mode] = run
     if not args.skip_transformers:
       sides[TRANSFORMERS] = lambda: transformers_decode(
