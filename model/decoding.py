@@ -367,12 +367,7 @@ def beam_search(module: Transformer, variables,
         state.live_tokens, state.live_scores, state.finished_tokens,
         state.finished_scores, log_probs, state.step, eos_id=eos_id,
         alpha=alpha)
-    # Cache rows are [batch * K, ...]: each example's K rows follow its
-    # live beams.
-    cache = jax.tree_util.tree_map(
-        lambda c: _gather_beams(c.reshape((batch_size, k) + c.shape[1:]),
-                                parents).reshape(c.shape), cache)
-    return BeamState(state.step + 1, *beams, cache)
+    return BeamState(state.step + 1, *beams, _follow_beams(cache, parents))
 
   live_scores = jnp.concatenate(
       [jnp.full((batch_size, k - 1), NEG_INF), jnp.zeros((batch_size, 1))], 1)
@@ -471,7 +466,8 @@ class _SlotRows:
     return state.search[0]
 
   def advance(self, state: SlotState, outputs):
-    """(carry, out, beams, ended): the step's token for every row."""
+    """(carry, out, parents, ended): the step's token for every row; no
+    parents (rows are never reordered)."""
     _, keys = state.search
     token, token_score = self.pick(outputs, state.position, keys)
     token = jnp.where(state.active, token, 0)
@@ -500,6 +496,15 @@ def _gather_beams(x, beams):
   """x [batch, K0, ...], beams [batch, K1] indices -> [batch, K1, ...]."""
   return jnp.take_along_axis(
       x, beams.reshape(beams.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _follow_beams(cache, parents):
+  """The cache's rows [batch * K, ...] reordered so each example's (or
+  slot's) K rows follow its live beams: parents [batch, K]."""
+  batch, k = parents.shape
+  return jax.tree_util.tree_map(
+      lambda c: _gather_beams(c.reshape((batch, k) + c.shape[1:]),
+                              parents).reshape(c.shape), cache)
 
 
 def _beam_step(live_tokens, live_scores, finished_tokens, finished_scores,
@@ -598,6 +603,8 @@ class _SlotBeams:
     return last.reshape(-1)
 
   def advance(self, state: SlotState, outputs):
+    """(carry, out, parents, ended): one beam-search step in every slot;
+    an example's beams go to the output in the step its search ends."""
     slots = state.position.shape[0]
     log_probs = jax.nn.log_softmax(outputs, axis=-1).reshape(
         slots, self.rows, -1)
@@ -612,6 +619,13 @@ class _SlotBeams:
     out = (state.out[0].at[item].set(tokens, mode='drop'),
            state.out[1].at[item].set(scores, mode='drop'))
     return carry, out, parents, ended
+
+
+def _with_room(queue, group: int):
+  """`queue` with `group` rows of zeros after it: room for a whole group
+  past the end, so a group's slice never shifts."""
+  return jnp.concatenate(
+      [queue, jnp.zeros((group,) + queue.shape[1:], queue.dtype)])
 
 
 def continuous_decode(module: Transformer, variables, queue_tokens,
@@ -667,16 +681,11 @@ def continuous_decode(module: Transformer, variables, queue_tokens,
                              jnp.tile(jnp.arange(copies), examples))
     num_items = num_items * copies
     pick, from_hidden = _picker(config, return_scores, argmax_screen)
-    search = _SlotRows(pick, from_hidden, queue_keys, eos_id, steps,
-                       cfg.decoder_start_id)
+    search = _SlotRows(pick, from_hidden, _with_room(queue_keys, group),
+                       eos_id, steps, cfg.decoder_start_id)
   items = queue_tokens.shape[0]
   rows = search.rows
-  # Room for a whole group past the end, so a group's slice never shifts.
-  queue_tokens = jnp.concatenate(
-      [queue_tokens, jnp.zeros((group, in_len), queue_tokens.dtype)])
-  if isinstance(search, _SlotRows):
-    search.queue_keys = jnp.concatenate(
-        [queue_keys, jnp.zeros((group, 2), queue_keys.dtype)])
+  queue_tokens = _with_room(queue_tokens, group)
   used = jnp.max(jnp.where(queue_tokens != 0, jnp.arange(1, in_len + 1), 0),
                  axis=1)
   # bias_by_age[:, a]: the self-attention bias of a key written `a` steps
@@ -743,10 +752,8 @@ def continuous_decode(module: Transformer, variables, queue_tokens,
                                     state.encoder_mask, search.from_hidden,
                                     method='decode_step_biased')
       carry, out, parents, ended = search.advance(state, outputs)
-      if parents is not None:  # each slot's rows follow its live beams
-        cache = jax.tree_util.tree_map(
-            lambda c: _gather_beams(by_slot(c), parents).reshape(c.shape),
-            cache)
+      if parents is not None:
+        cache = _follow_beams(cache, parents)
       return state._replace(
           step=state.step + 1, position=state.position + 1,
           active=state.active & ~ended, cache=cache, search=carry, out=out)
