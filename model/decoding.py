@@ -640,7 +640,8 @@ def continuous_decode(module: Transformer, variables, queue_tokens,
   first `num_items` (a traced scalar) of `queue_tokens` [examples, in_len].
 
   Greedy decoding and sampling: a slot is one row, and each decode of an
-  example is a queue item of its own (its n samples run in any slots).
+  example is a queue item of its own (its n samples run in any slots; the
+  encoder runs once for the example).
   Beam search: a slot is the K = num_decodes rows of one example's beams,
   kept together (the cache reordered within the slot).
 
@@ -669,25 +670,28 @@ def continuous_decode(module: Transformer, variables, queue_tokens,
   buckets = tuple(sorted(set(int(b) for b in buckets) | {in_len}))
   if buckets[0] < 1 or buckets[-1] != in_len:
     raise ValueError(f'length buckets {buckets} must lie in 1..{in_len}')
-  copies = config.num_decodes
   if config.strategy == 'beam_search':
-    search = _SlotBeams(copies, config.alpha, eos_id, steps,
+    copies = 1  # queue items per example: the example, with its K beams
+    search = _SlotBeams(config.num_decodes, config.alpha, eos_id, steps,
                         cfg.decoder_start_id)
-    queue_keys = jnp.zeros((examples, 2), jnp.uint32)  # nothing drawn
   else:
-    # Example-major: example i's decodes are items i*n .. i*n+n-1.
-    queue_tokens = jnp.repeat(queue_tokens, copies, axis=0)
+    # Example-major: example i's samples are items i*n .. i*n+n-1.
+    copies = config.num_decodes
     queue_keys = decode_keys(jnp.repeat(queue_keys, copies, axis=0),
                              jnp.tile(jnp.arange(copies), examples))
     num_items = num_items * copies
     pick, from_hidden = _picker(config, return_scores, argmax_screen)
     search = _SlotRows(pick, from_hidden, _with_room(queue_keys, group),
                        eos_id, steps, cfg.decoder_start_id)
-  items = queue_tokens.shape[0]
+  items = examples * copies
   rows = search.rows
-  queue_tokens = _with_room(queue_tokens, group)
-  used = jnp.max(jnp.where(queue_tokens != 0, jnp.arange(1, in_len + 1), 0),
-                 axis=1)
+  # A group of items spans this many examples at most; the encoder runs
+  # once for each (not once per sample).
+  spans = group if copies == 1 else (group - 1) // copies + 2
+  queue_tokens = _with_room(queue_tokens, spans)
+  used = jnp.repeat(jnp.max(jnp.where(
+      queue_tokens[:examples] != 0, jnp.arange(1, in_len + 1), 0), axis=1),
+                    copies)  # [items]
   # bias_by_age[:, a]: the self-attention bias of a key written `a` steps
   # ago (relative position -a), read from the causal table's last row.
   table = module.apply(variables, max_length, method='decoder_self_bias')
@@ -712,11 +716,19 @@ def continuous_decode(module: Transformer, variables, queue_tokens,
                           group)
       group_items = state.next_item + jnp.arange(group, dtype=jnp.int32)
       taken = jnp.arange(group) < count
-      tokens = jax.lax.dynamic_slice(queue_tokens, (state.next_item, 0),
-                                     (group, width))
-      tokens = jnp.where(taken[:, None], tokens, 0)
+      # The group's examples, encoded once each; `which`: each item's.
+      first = state.next_item // copies
+      which = group_items // copies - first
+      tokens = jax.lax.dynamic_slice(queue_tokens, (first, 0),
+                                     (spans, width))
+      tokens = jnp.where(
+          (jnp.arange(spans) <= which[count - 1])[:, None], tokens, 0)
       encoded = module.apply(variables, tokens, method='encode')
       cross = module.apply(variables, encoded, method='step_cross_kv')
+      mask = tokens > 0
+      if copies > 1:
+        cross, mask = jax.tree_util.tree_map(
+            lambda x: jnp.take(x, which, axis=0), (cross, mask))
       # The first `count` free slots, in slot order; the rest of the group
       # goes nowhere (an index past the end is dropped).
       chosen = jnp.where(
@@ -738,7 +750,7 @@ def continuous_decode(module: Transformer, variables, queue_tokens,
           search=search.enter(state.search, put, group_items),
           cross=[(put_rows(k, nk), put_rows(v, nv))
                  for (k, v), (nk, nv) in zip(state.cross, cross)],
-          encoder_mask=put_rows(state.encoder_mask, tokens > 0))
+          encoder_mask=put_rows(state.encoder_mask, mask))
 
     def decode_one(state: SlotState) -> SlotState:
       write = state.step % max_length
@@ -798,7 +810,7 @@ def continuous_decode(module: Transformer, variables, queue_tokens,
       mask = jnp.pad(state.encoder_mask,
                      [(0, 0), (0, width - buckets[index - 1])])
     # The items of this phase: up to the first one longer than `width`.
-    longer = jnp.where(used[:items] > width, jnp.arange(items), items)
+    longer = jnp.where(used > width, jnp.arange(items), items)
     end = jnp.minimum(jnp.min(longer), num_items)
     state = phase(state._replace(cross=cross, encoder_mask=mask), width, end,
                   last=index == len(buckets) - 1)
