@@ -369,15 +369,9 @@ def beam_search(module: Transformer, variables,
         alpha=alpha)
     return BeamState(state.step + 1, *beams, _follow_beams(cache, parents))
 
-  live_scores = jnp.concatenate(
-      [jnp.full((batch_size, k - 1), NEG_INF), jnp.zeros((batch_size, 1))], 1)
-  initial = BeamState(
-      step=jnp.array(0, jnp.int32),
-      live_tokens=jnp.zeros((batch_size, k, max_length), jnp.int32),
-      live_scores=live_scores,
-      finished_tokens=jnp.zeros((batch_size, k, max_length), jnp.int32),
-      finished_scores=jnp.full((batch_size, k), NEG_INF),
-      cache=module.init_cache(batch_size * k, max_length))
+  initial = BeamState(jnp.array(0, jnp.int32),
+                      *_initial_beams(batch_size, k, max_length),
+                      cache=module.init_cache(batch_size * k, max_length))
   final = jax.lax.while_loop(should_continue, search_one, initial)
   return _beam_result(final.live_tokens, final.live_scores,
                       final.finished_tokens, final.finished_scores)
@@ -492,6 +486,18 @@ class _BeamCarry(NamedTuple):
   finished_scores: jax.Array
 
 
+def _initial_beams(count: int, k: int, max_length: int) -> _BeamCarry:
+  """The search's start for `count` examples: one live beam at score 0
+  (the other K-1 at NEG_INF, so the first step expands only it), nothing
+  finished."""
+  live_scores = jnp.concatenate(
+      [jnp.full((count, k - 1), NEG_INF), jnp.zeros((count, 1))], 1)
+  return _BeamCarry(jnp.zeros((count, k, max_length), jnp.int32),
+                    live_scores,
+                    jnp.zeros((count, k, max_length), jnp.int32),
+                    jnp.full((count, k), NEG_INF))
+
+
 def _gather_beams(x, beams):
   """x [batch, K0, ...], beams [batch, K1] indices -> [batch, K1, ...]."""
   return jnp.take_along_axis(
@@ -568,22 +574,14 @@ class _SlotBeams:
     self.steps, self.start_id = steps, start_id
     self.from_hidden = False
 
-  def _fresh(self, count: int, max_length: int) -> _BeamCarry:
-    k = self.rows
-    live_scores = jnp.concatenate(
-        [jnp.full((count, k - 1), NEG_INF), jnp.zeros((count, 1))], 1)
-    return _BeamCarry(jnp.zeros((count, k, max_length), jnp.int32),
-                      live_scores,
-                      jnp.zeros((count, k, max_length), jnp.int32),
-                      jnp.full((count, k), NEG_INF))
-
   def init(self, slots: int, items: int, max_length: int):
-    return self._fresh(slots, max_length), (
+    return _initial_beams(slots, self.rows, max_length), (
         jnp.zeros((items, self.rows, max_length), jnp.int32),
         jnp.zeros((items, self.rows), jnp.float32))
 
   def enter(self, carry: _BeamCarry, put, group_items):
-    fresh = self._fresh(group_items.shape[0], carry.live_tokens.shape[-1])
+    fresh = _initial_beams(group_items.shape[0], self.rows,
+                           carry.live_tokens.shape[-1])
     return _BeamCarry(*(put(a, b) for a, b in zip(carry, fresh)))
 
   def feed(self, state: SlotState):
