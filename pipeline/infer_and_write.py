@@ -1,7 +1,7 @@
 """The whole run as one Beam transform, from the launcher's plan to the
 final files:
 
-    ListInputShards -> ReadShards (pipeline.read, one element per chunk) ->
+    ListInputShards -> ReadShards (pipeline.read: chunks, a few to an element) ->
     SpreadChunks ->
     InferChunks (pipeline.infer_chunks, writes chunk files) ->
     [with the shard counts] PlanMerge -> MergeOutputShards -> WriteManifest

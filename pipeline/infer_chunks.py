@@ -1,4 +1,4 @@
-"""Inference over chunks: (chunk key, Chunk) -> the chunk's jsonl file.
+"""Inference over chunks: ((task, shard), chunks) -> each chunk's jsonl file.
 
 The model side is `pipeline.inference`, the seam T5ModelHandler uses too;
 what is here is the pipeline's own: chunk files written atomically, records
@@ -48,16 +48,11 @@ def record_line(inputs_json: str, record: Dict) -> str:
           + '\n')
 
 
-def _counter(name: str):
-  return Metrics.counter(NAMESPACE, name)
-
-
 @dataclasses.dataclass(frozen=True)
 class ChunkStats:
-  """What inferring one chunk took (chunks finished by an earlier run have
-  none)."""
-  shard: int
-  chunk: int
+  """What inferring some chunks took (one element's; chunks finished by an
+  earlier run have none)."""
+  chunks: int
   examples: int
   decoded_tokens: int
   seconds: float
@@ -67,10 +62,17 @@ class ChunkStats:
 
 # Chunk files a DoFn may have waiting to be written while it infers on.
 MAX_PENDING_WRITES = 4
+# A worker logs its progress at most this often (and after its first chunk),
+# not once per chunk: a billion examples are hundreds of thousands of chunks.
+LOG_EVERY_SECONDS = 60.0
+COUNTERS = ('model_loads', 'startup_milliseconds', 'chunks_already_written',
+            'examples_inferred', 'batches', 'chunks_inferred',
+            'decoded_tokens')
 
 
 class InferChunk(beam.DoFn):
-  """(chunk key, Chunk) -> the chunk's jsonl file; yields ChunkStats.
+  """((task, input shard), [(chunk, Chunk), ...]) -> each chunk's jsonl
+  file; yields the element's ChunkStats.
 
   The model is loaded in `setup`, once per worker process, and shared by the
   DoFn instances of that process's threads. A chunk's file is written by a
@@ -100,6 +102,9 @@ class InferChunk(beam.DoFn):
     self._writer = concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix='t5beam-chunk-writer')
     self._pending = []
+    self._counters = {name: Metrics.counter(NAMESPACE, name)
+                      for name in COUNTERS}
+    self._progress = _ProgressLog()
 
   def start_bundle(self):
     self._pending = []
@@ -132,18 +137,43 @@ class InferChunk(beam.DoFn):
     return self._vocabularies[task_name]
 
   def process(self, element):
-    (task_name, shard, chunk), data = element
-    config = self._config
+    (task_name, shard), chunks = element
+    counters = self._counters
     startup = self._model.take_load_report()
     if startup is not None:
-      _counter('model_loads').inc()
-      _counter('startup_milliseconds').inc(int(1000 * startup))
+      counters['model_loads'].inc()
+      counters['startup_milliseconds'].inc(int(1000 * startup))
+    done = examples = decoded = 0
+    seconds = 0.0
+    for chunk, data in chunks:
+      result = self._infer(task_name, shard, chunk, data)
+      if result is None:
+        continue
+      done += 1
+      examples += len(data)
+      decoded += result[0]
+      seconds += result[1]
+    if not done:
+      return
+    counters['examples_inferred'].inc(examples)
+    counters['chunks_inferred'].inc(done)
+    counters['decoded_tokens'].inc(decoded)
+    self._progress.add(task_name, shard, chunks[-1][0], done, examples,
+                       seconds)
+    mesh = self._model.mesh_shape()
+    yield task_name, ChunkStats(done, examples, decoded, seconds,
+                                (mesh['data'], mesh['model']))
+
+  def _infer(self, task_name: str, shard: int, chunk: int, data):
+    """Infers one chunk and hands its file to the writer: (decoded tokens,
+    seconds), or None if an earlier attempt wrote it."""
+    config = self._config
     path = config.layout(task_name).chunk_path(
         shard, self._num_shards[task_name], chunk)
     if files.exists(path):
       # A retried or duplicated bundle: the chunk is already complete.
-      _counter('chunks_already_written').inc()
-      return
+      self._counters['chunks_already_written'].inc()
+      return None
     start = time.perf_counter()
     inferences, decoded_tokens = inference.infer_examples(
         self._model, config.model, self._vocabulary(task_name),
@@ -155,13 +185,32 @@ class InferChunk(beam.DoFn):
     self._wait_for_writes(MAX_PENDING_WRITES - 1)
     self._pending.append(self._writer.submit(self._write, path, data.inputs,
                                              inferences))
-    _counter('examples_inferred').inc(len(data))
-    _counter('batches').inc(-(-len(data) // config.model.batch_size))
-    _counter('chunks_inferred').inc()
-    _counter('decoded_tokens').inc(decoded_tokens)
-    logging.info('t5beam: %s shard %d chunk %d: %d examples in %.2f s '
-                 '(%.1f examples/s)', task_name, shard, chunk, len(data),
-                 seconds, len(data) / max(seconds, 1e-9))
-    mesh = self._model.mesh_shape()
-    yield task_name, ChunkStats(shard, chunk, len(data), decoded_tokens,
-                                seconds, (mesh['data'], mesh['model']))
+    self._counters['batches'].inc(-(-len(data) // config.model.batch_size))
+    return decoded_tokens, seconds
+
+
+class _ProgressLog:
+  """A worker's progress line: after its first chunk, then at most every
+  LOG_EVERY_SECONDS, with what it did since the last line."""
+
+  def __init__(self):
+    self._last = None
+    self._chunks = self._examples = 0
+    self._seconds = 0.0
+
+  def add(self, task_name: str, shard: int, chunk: int, chunks: int,
+          examples: int, seconds: float):
+    self._chunks += chunks
+    self._examples += examples
+    self._seconds += seconds
+    now = time.monotonic()
+    if self._last is not None and now - self._last < LOG_EVERY_SECONDS:
+      return
+    logging.info('t5beam: %d chunk(s), %d examples inferred in %.1f s of '
+                 'model time (%.1f examples/s); last: %s shard %d chunk %d',
+                 self._chunks, self._examples, self._seconds,
+                 self._examples / max(self._seconds, 1e-9), task_name, shard,
+                 chunk)
+    self._last = now
+    self._chunks = self._examples = 0
+    self._seconds = 0.0

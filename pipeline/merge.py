@@ -105,7 +105,7 @@ class PlanMerge(beam.DoFn):
         **summary,
         'examples': total,
         'chunks': len(chunks),
-        'chunks_inferred_this_run': len(stats),
+        'chunks_inferred_this_run': sum(s.chunks for s in stats),
         'examples_inferred_this_run': sum(s.examples for s in stats),
         'decoded_tokens_this_run': sum(s.decoded_tokens for s in stats),
         'inference_seconds_this_run': sum(s.seconds for s in stats),

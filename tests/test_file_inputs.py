@@ -3,6 +3,7 @@
 import json
 import os
 
+import apache_beam as beam
 import pytest
 import tensorflow as tf
 
@@ -178,6 +179,41 @@ def test_plain_files_are_chunked_as_their_seqio_task_reads_them(
     assert sorted(first) == ['targets', 'targets_pretokenized']
   else:
     assert sorted(first) == ['inputs_pretokenized', 'targets_pretokenized']
+
+
+def test_small_chunks_travel_a_few_to_an_element_skipped_ones_never(
+    tmp_path, monkeypatch):
+  """ReadShard packs a shard's pending chunks, in order, into elements of
+  at least EXAMPLES_PER_ELEMENT examples (the last one less); chunks an
+  earlier run finished are in none."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from pipeline import file_tasks, plan, read  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(read, 'EXAMPLES_PER_ELEMENT', 5)
+  spec = file_tasks.FileTaskSpec((_text_inputs(tmp_path, 'jsonl'),), 'jsonl',
+                                 'q', seqio.ByteVocabulary(), targets_key='a')
+  config = helpers.infer_config(
+      checkpoint_path='unused', task_feature_lengths={'inputs': 12,
+                                                      'targets': 4},
+      batch_size=2, checkpoint_period=1, num_input_shards=1,
+      output_dir=str(tmp_path / 'out'), mixture_or_task_name=spec.task_name,
+      split=file_tasks.SPLIT, file_task=spec)
+  plan.prepare_tasks(config)
+  finished = frozenset({(0, 1), (0, 6)})
+  reader = read.ReadShard(config, [plan.TaskPlan(spec.task_name, 1, finished)])
+  reader.setup()
+  outputs = list(reader.process((spec.task_name, 0, 1)))
+  elements = [o for o in outputs if not isinstance(o, beam.pvalue.TaggedOutput)]
+  assert all(key == (spec.task_name, 0) for key, _ in elements)
+  groups = [[chunk for chunk, _ in group] for _, group in elements]
+  # 29 examples in 15 chunks of 2 (the last of 1); 1 and 6 were finished.
+  assert sum(groups, []) == [c for c in range(15) if c not in (1, 6)]
+  sizes = [sum(len(data) for _, data in group) for _, group in elements]
+  assert all(size >= 5 for size in sizes[:-1]) and 0 < sizes[-1]
+  assert all(size < 5 + 2 for size in sizes)  # closed once full
+  assert len(elements) == 5
+  for _, group in elements:
+    for chunk, data in group:
+      assert data.first == 2 * chunk
 
 
 GOOD = [f'{a} + {b}' for a, b in ((1, 2), (30, 4), (15, 15), (9, 0), (7, 70),
