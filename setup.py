@@ -22,7 +22,7 @@ setuptools.setup(
                         'checkpoint/*/*/*'],
     },
     entry_points={
-        'console_scripts': ['t5beam-infer = launch.infer:main'],
+        'console_scripts': ['t5beam-infer = launch.infer:command'],
     },
     python_requires='>=3.10',
     install_requires=[
