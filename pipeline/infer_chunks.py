@@ -60,8 +60,15 @@ class ChunkStats:
   mesh: Tuple[int, int] = (1, 1)
 
 
-# Chunk files a DoFn may have waiting to be written while it infers on.
+# Chunk files a DoFn may have waiting to be written while it infers on, and
+# the threads writing them. A local write is the kernel's work, done by one
+# thread; a write to GCS is a few requests (upload, then the move into
+# place) that mostly wait: with 20 ms per request a chunk file takes 180 ms
+# on one thread and 24 ms each on 8, which small chunks need to keep up
+# with an accelerator.
 MAX_PENDING_WRITES = 4
+REMOTE_WRITERS = 8
+REMOTE_PENDING_WRITES = 16
 # A worker logs its progress at most this often (and after its first chunk),
 # not once per chunk: a billion examples are hundreds of thousands of chunks.
 LOG_EVERY_SECONDS = 60.0
@@ -75,8 +82,8 @@ class InferChunk(beam.DoFn):
   file; yields the element's ChunkStats.
 
   The model is loaded in `setup`, once per worker process, and shared by the
-  DoFn instances of that process's threads. A chunk's file is written by a
-  background thread while the model runs the next chunk; the bundle ends
+  DoFn instances of that process's threads. A chunk's file is written by
+  background threads while the model runs the next chunk; the bundle ends
   only once every file of it is written (a failed write fails the bundle,
   which Beam retries), so a committed bundle's chunks are all on disk.
   """
@@ -99,8 +106,11 @@ class InferChunk(beam.DoFn):
         lambda: inference.load_model(spec, self._config.chunk_size),
         tag=f'{spec.checkpoint_path}:{self._fingerprint}')
     lock.worker_heartbeat(self._lock_ref)
+    remote = files.is_remote(self._config.output_dir)
+    self._max_pending = REMOTE_PENDING_WRITES if remote else MAX_PENDING_WRITES
     self._writer = concurrent.futures.ThreadPoolExecutor(
-        1, thread_name_prefix='t5beam-chunk-writer')
+        REMOTE_WRITERS if remote else 1,
+        thread_name_prefix='t5beam-chunk-writer')
     self._pending = []
     self._counters = {name: Metrics.counter(NAMESPACE, name)
                       for name in COUNTERS}
@@ -143,16 +153,23 @@ class InferChunk(beam.DoFn):
     if startup is not None:
       counters['model_loads'].inc()
       counters['startup_milliseconds'].inc(int(1000 * startup))
+    task_layout = self._config.layout(task_name)
+    paths = [task_layout.chunk_path(shard, self._num_shards[task_name], chunk)
+             for chunk, _ in chunks]
     done = examples = decoded = 0
     seconds = 0.0
-    for chunk, data in chunks:
-      result = self._infer(task_name, shard, chunk, data)
-      if result is None:
+    for (chunk, data), path, written in zip(chunks, paths,
+                                            files.exists_all(paths)):
+      if written:
+        # A retried or duplicated bundle: the chunk is already complete.
+        counters['chunks_already_written'].inc()
         continue
+      chunk_tokens, chunk_seconds = self._infer(task_name, shard, chunk,
+                                                data, path)
       done += 1
       examples += len(data)
-      decoded += result[0]
-      seconds += result[1]
+      decoded += chunk_tokens
+      seconds += chunk_seconds
     if not done:
       return
     counters['examples_inferred'].inc(examples)
@@ -164,16 +181,10 @@ class InferChunk(beam.DoFn):
     yield task_name, ChunkStats(done, examples, decoded, seconds,
                                 (mesh['data'], mesh['model']))
 
-  def _infer(self, task_name: str, shard: int, chunk: int, data):
-    """Infers one chunk and hands its file to the writer: (decoded tokens,
-    seconds), or None if an earlier attempt wrote it."""
+  def _infer(self, task_name: str, shard: int, chunk: int, data, path: str):
+    """Infers one chunk and hands its file (`path`) to the writer: (decoded
+    tokens, seconds)."""
     config = self._config
-    path = config.layout(task_name).chunk_path(
-        shard, self._num_shards[task_name], chunk)
-    if files.exists(path):
-      # A retried or duplicated bundle: the chunk is already complete.
-      self._counters['chunks_already_written'].inc()
-      return None
     start = time.perf_counter()
     inferences, decoded_tokens = inference.infer_examples(
         self._model, config.model, self._vocabulary(task_name),
@@ -182,7 +193,7 @@ class InferChunk(beam.DoFn):
         after_batch=lambda _: _maybe_inject_fault(task_name, shard, chunk),
         queue_rows=config.chunk_size)
     seconds = time.perf_counter() - start
-    self._wait_for_writes(MAX_PENDING_WRITES - 1)
+    self._wait_for_writes(self._max_pending - 1)
     self._pending.append(self._writer.submit(self._write, path, data.inputs,
                                              inferences))
     self._counters['batches'].inc(-(-len(data) // config.model.batch_size))

@@ -302,6 +302,7 @@ class Heartbeat:
 
 
 _last_beats: Dict[Tuple[str, str, int, str], float] = {}
+_beats_lock = threading.Lock()
 
 
 def worker_name() -> str:
@@ -322,9 +323,10 @@ def worker_heartbeat(ref: Optional[LockRef], worker: Optional[str] = None,
   worker = worker or worker_name()
   now = time.time() if now is None else now
   key = (ref.output_dir, ref.owner, ref.generation, worker)
-  if now - _last_beats.get(key, float('-inf')) < ref.heartbeat_interval:
-    return
-  _last_beats[key] = now
+  with _beats_lock:  # a worker's chunk writers call this from threads
+    if now - _last_beats.get(key, float('-inf')) < ref.heartbeat_interval:
+      return
+    _last_beats[key] = now
   path = files.join(ref.output_dir,
                     f'{_beat_prefix(ref.generation)}{worker}')
   try:
