@@ -82,8 +82,9 @@ class InferChunk(beam.DoFn):
   file; yields the element's ChunkStats.
 
   The model is loaded in `setup`, once per worker process, and shared by the
-  DoFn instances of that process's threads. A chunk's file is written by
-  background threads while the model runs the next chunk; the bundle ends
+  DoFn instances of that process's threads. A chunk's records are made and
+  its file written by background threads while the model runs the next
+  chunk; the bundle ends
   only once every file of it is written (a failed write fails the bundle,
   which Beam retries), so a committed bundle's chunks are all on disk.
   """
@@ -133,7 +134,11 @@ class InferChunk(beam.DoFn):
     while len(self._pending) > keep:
       self._pending.pop(0).result()
 
-  def _write(self, path: str, inputs, inferences):
+  def _write(self, path: str, inputs, vocabulary, outputs, count: int):
+    """Makes a chunk's records from the model's outputs and writes its file
+    (on a writer thread, while the model runs the next chunk)."""
+    inferences = inference.records(self._config.model, vocabulary, outputs,
+                                   count)
     files.write_atomically(path, ''.join(
         record_line(line_inputs, record)
         for line_inputs, record in zip(inputs, inferences)).encode('utf-8'))
@@ -182,20 +187,21 @@ class InferChunk(beam.DoFn):
                                 (mesh['data'], mesh['model']))
 
   def _infer(self, task_name: str, shard: int, chunk: int, data, path: str):
-    """Infers one chunk and hands its file (`path`) to the writer: (decoded
-    tokens, seconds)."""
+    """Runs the model on one chunk and hands its outputs to a writer thread,
+    which makes the records and writes the file (`path`): (decoded tokens,
+    seconds of model time)."""
     config = self._config
     start = time.perf_counter()
-    inferences, decoded_tokens = inference.infer_examples(
-        self._model, config.model, self._vocabulary(task_name),
-        data.features,
+    outputs, count, decoded_tokens = inference.run_examples(
+        self._model, config.model, data.features,
         [(task_name, shard, data.first + i) for i in range(len(data))],
-        after_batch=lambda _: _maybe_inject_fault(task_name, shard, chunk),
         queue_rows=config.chunk_size)
     seconds = time.perf_counter() - start
+    _maybe_inject_fault(task_name, shard, chunk)
     self._wait_for_writes(self._max_pending - 1)
-    self._pending.append(self._writer.submit(self._write, path, data.inputs,
-                                             inferences))
+    self._pending.append(self._writer.submit(
+        self._write, path, data.inputs, self._vocabulary(task_name), outputs,
+        count))
     self._counters['batches'].inc(-(-len(data) // config.model.batch_size))
     return decoded_tokens, seconds
 

@@ -10,6 +10,9 @@ they give the same record.
     loaded = load_model(spec)                    # once per worker process
     inferences, tokens = infer_examples(loaded, spec, vocabulary, features,
                                         identities)
+    # or, to make the records elsewhere while the model runs on:
+    outputs, count, tokens = run_examples(loaded, spec, features, identities)
+    inferences = records(spec, vocabulary, outputs, count)
 
 `features` are one dict of int arrays per example, as SeqIO's
 `EncDecFeatureConverter` gives them (`model_features` builds the same from
@@ -381,24 +384,19 @@ def _inference(spec: ModelSpec, vocabulary, outputs: Mapping[str, np.ndarray],
   return record
 
 
-def infer_examples(model, spec: ModelSpec, vocabulary,
-                   features,
-                   identities: Sequence[Sequence[Any]],
-                   after_batch=None, queue_rows: int = 0
-                   ) -> Tuple[List[Dict[str, Any]], int]:
-  """(one T5X record without `inputs` per example, decoded token count).
+def run_examples(model, spec: ModelSpec, features,
+                 identities: Sequence[Sequence[Any]], queue_rows: int = 0
+                 ) -> Tuple[Dict[str, np.ndarray], int, int]:
+  """Runs the model on the examples: (its outputs, one row per example, as
+  `LoadedModel.run` gives them; example count; decoded token count).
 
-  `model` is a LoadedModel (or Beam's proxy of one); `features` one dict of
-  arrays per example, or one dict of arrays stacked [examples, ...] (a
-  chunk), all run in one call by the spec's batching (batches of
-  `spec.batch_size` rows); `identities` give the sampling keys.
-  `after_batch(0)` runs after the model and before the records are made
-  (the pipeline's fault injection for tests of retries); `queue_rows`: see
-  `LoadedModel.run`."""
+  The model's half of `infer_examples`; `records` makes the records from
+  its outputs, so a caller may make them on another thread while the model
+  runs the next examples (the pipeline does)."""
   stacked = isinstance(features, Mapping)
   count = len(features[FEATURES[0]]) if stacked else len(features)
   if not count:
-    return [], 0
+    return {}, 0, 0
   if stacked:
     arrays = {name: np.asarray(features[name], np.int32) for name in FEATURES}
   else:
@@ -408,10 +406,30 @@ def infer_examples(model, spec: ModelSpec, vocabulary,
     keys = np.stack([example_key(spec.seed, identity)
                      for identity in identities])
   outputs = model.run(arrays, keys, queue_rows)
-  if after_batch is not None:
-    after_batch(0)
   decoded_tokens = 0
   if 'tokens' in outputs:
     decoded_tokens = int(np.sum(outputs['tokens'] > 0))
-  return [_inference(spec, vocabulary, outputs, row)
-          for row in range(count)], decoded_tokens
+  return outputs, count, decoded_tokens
+
+
+def records(spec: ModelSpec, vocabulary, outputs: Mapping[str, np.ndarray],
+            count: int) -> List[Dict[str, Any]]:
+  """One T5X record without `inputs` per example, from `run_examples`'
+  outputs."""
+  return [_inference(spec, vocabulary, outputs, row) for row in range(count)]
+
+
+def infer_examples(model, spec: ModelSpec, vocabulary,
+                   features,
+                   identities: Sequence[Sequence[Any]],
+                   queue_rows: int = 0) -> Tuple[List[Dict[str, Any]], int]:
+  """(one T5X record without `inputs` per example, decoded token count).
+
+  `model` is a LoadedModel (or Beam's proxy of one); `features` one dict of
+  arrays per example, or one dict of arrays stacked [examples, ...] (a
+  chunk), all run in one call by the spec's batching (batches of
+  `spec.batch_size` rows); `identities` give the sampling keys;
+  `queue_rows`: see `LoadedModel.run`."""
+  outputs, count, decoded_tokens = run_examples(model, spec, features,
+                                                identities, queue_rows)
+  return records(spec, vocabulary, outputs, count), decoded_tokens

@@ -216,6 +216,66 @@ def test_small_chunks_travel_a_few_to_an_element_skipped_ones_never(
       assert data.first == 2 * chunk
 
 
+def test_records_are_made_on_the_writer_and_its_failure_fails_the_bundle(
+    tmp_path, monkeypatch):
+  """InferChunk runs the model on the worker's thread and makes each
+  chunk's records on a writer thread while the model runs on; a record
+  that cannot be made fails the bundle (Beam retries it), its chunk file
+  never appears, and the other chunks' files are whole."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  from pipeline import file_tasks, inference, infer_chunks, plan, read  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(read, 'EXAMPLES_PER_ELEMENT', 100)
+  spec = file_tasks.FileTaskSpec((_text_inputs(tmp_path, 'jsonl'),), 'jsonl',
+                                 'q', seqio.ByteVocabulary(), targets_key='a')
+  config = helpers.infer_config(
+      checkpoint_path=DEMO_CHECKPOINT,
+      task_feature_lengths={'inputs': 12, 'targets': 4}, batch_size=2,
+      checkpoint_period=2, num_input_shards=1,
+      output_dir=str(tmp_path / 'out'), mixture_or_task_name=spec.task_name,
+      split=file_tasks.SPLIT, file_task=spec)
+  plan.prepare_tasks(config)
+  reader = read.ReadShard(config, [plan.TaskPlan(spec.task_name, 1)])
+  reader.setup()
+  (element,) = [o for o in reader.process((spec.task_name, 0, 1))
+                if not isinstance(o, beam.pvalue.TaggedOutput)]
+  chunks = [chunk for chunk, _ in element[1]]
+  assert chunks == list(range(8))  # 29 examples, 4 to a chunk
+  made_on = []
+  make_records = inference.records
+
+  def records(*args):
+    made_on.append(threading.current_thread().name)
+    if len(made_on) == 3:
+      raise ValueError('this chunk cannot be decoded')
+    return make_records(*args)
+
+  monkeypatch.setattr(inference, 'records', records)
+  infer = infer_chunks.InferChunk(config, 'fingerprint', {spec.task_name: 1})
+  infer.setup()
+  infer.start_bundle()
+  with pytest.raises(ValueError, match='cannot be decoded'):
+    list(infer.process(element))
+    infer.finish_bundle()
+  infer.teardown()
+  assert made_on and all(name.startswith('t5beam-chunk-writer')
+                         for name in made_on)
+  layout = config.layout(spec.task_name)
+  paths = [layout.chunk_path(0, 1, chunk) for chunk in chunks]
+  written = [os.path.exists(p) for p in paths]
+  assert written[:2] == [True, True] and not written[2]
+  for chunk, path in zip(chunks, paths):
+    if os.path.exists(path):
+      records_written = helpers.read_records(path)
+      first = 4 * chunk
+      assert len(records_written) == min(4, 29 - first)
+      assert all(set(r) == {'inputs', 'prediction'} for r in records_written)
+  from model import files  # pylint: disable=g-import-not-at-top
+  temporaries = [n for n in os.listdir(os.path.dirname(paths[0]))
+                 if n.startswith(files.TEMP_PREFIX)]
+  assert not temporaries, temporaries
+
+
 GOOD = [f'{a} + {b}' for a, b in ((1, 2), (30, 4), (15, 15), (9, 0), (7, 70),
                                   (11, 22), (50, 49), (3, 3))]
 # Bad lines of each kind, with the problem their errors entry names.
