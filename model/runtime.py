@@ -9,23 +9,25 @@ handler's `load_model`, the benchmarks) call `configure_xla_cpu` before JAX
 starts a backend. Called after that (JAX already running in a user's
 process) it changes nothing and logs one line saying so.
 
-What it sets, by the CPU (`/proc/cpuinfo`: vendor, family, flags): the
-pinned jaxlib fuses elementwise work and reductions into its YNN library
-calls by default. On AMD Zen 4 (AuthenticAMD family 25 with
-`avx512_bf16`) that made the small per-step reductions of cached decoding
-several times slower, and keeping YNN to individual matmuls made greedy
-decoding about 10% faster (`bench/nq_small_greedy.py`, AMD EPYC), so there
-the flag is set. Everywhere else XLA's default stays: on an Intel Xeon with
-AMX (`amx_tile`) the flag made float32 greedy decoding 5-10% slower
-(nq-small-greedy, 2 passes: 45.8 and 43.6 examples/s with it against 49.2
-and 46.0 without at batch 32; 69.8 and 66.6 against 76.8 and 71.1 at batch
-128) and bfloat16 the same speed; on AMD Zen 5 (family 26) it gained
-nothing (float32 at batch 128, processes alternated: 77.6, 71.6, 81.7,
-84.0, 83.3 examples/s with it, 82.3, 80.3, 92.5, 95.2 without; batch 32
-and bfloat16 the same within the noise); other CPUs were not measured. An
-`xla_cpu_experimental_ynn_fusion_type` already in XLA_FLAGS is left alone;
-T5BEAM_XLA_CPU_TUNING=0 turns this off and =1 sets the flag whatever the
-CPU. It has no effect on GPU or TPU.
+What it may set: the pinned jaxlib fuses elementwise work and reductions
+into its YNN library calls by default; XLA_FLAGS
+`--xla_cpu_experimental_ynn_fusion_type=individual_dot` keeps YNN to
+individual matmuls. It is set only with T5BEAM_XLA_CPU_TUNING=1, on no CPU
+by default: measured with `bench/nq_small_greedy.py` (512 examples,
+examples/s at batch 32 / 128, processes alternated), it helps on none of
+the CPUs we have. On AMD Zen 4 (AuthenticAMD family 25, `avx512_bf16`),
+where it was once about 10% faster and so was on by default until
+2026-12-03, the code of that day ran no faster with it: float32 36.4,
+41.8, 38.7 / 48.8, 54.8, 51.3 with it against 43.1, 42.5, 39.0 / 49.0,
+56.4, 53.0 without; bfloat16 60.8, 58.3, 53.8 / 83.7, 71.9, 78.8 against
+57.8, 56.6, 58.6 / 83.1, 76.9, 82.1. On an Intel Xeon with AMX
+(`amx_tile`) it made float32 5-10% slower (45.8 and 43.6 with it against
+49.2 and 46.0 without at batch 32; 69.8 and 66.6 against 76.8 and 71.1 at
+batch 128) and bfloat16 the same; on AMD Zen 5 (family 26) it gained
+nothing (float32 at batch 128: 77.6, 71.6, 81.7, 84.0, 83.3 with it, 82.3,
+80.3, 92.5, 95.2 without). An `xla_cpu_experimental_ynn_fusion_type`
+already in XLA_FLAGS is left alone; T5BEAM_XLA_CPU_TUNING=0 (the default)
+sets nothing. It has no effect on GPU or TPU.
 """
 
 import ctypes
@@ -89,21 +91,11 @@ def cpu_flags() -> FrozenSet[str]:
   return this_cpu().flags
 
 
-def ynn_fusion_wanted(cpu: Cpu) -> bool:
-  """Whether this CPU decodes faster with YNN kept to individual matmuls:
-  measured so on AMD Zen 4 only (see the module's docstring)."""
-  return (cpu.vendor == 'AuthenticAMD' and cpu.family == 25 and
-          'avx512_bf16' in cpu.flags)
-
-
-def xla_cpu_flags(cpu: Optional[Cpu] = None) -> str:
-  """The XLA flags `configure_xla_cpu` adds on `cpu` (default: this one);
-  '' when none apply."""
-  setting = os.environ.get(TUNING_ENV, '')
-  if setting == '0':
-    return ''
-  if setting != '1' and not ynn_fusion_wanted(
-      this_cpu() if cpu is None else cpu):
+def xla_cpu_flags() -> str:
+  """The XLA flags `configure_xla_cpu` adds: the YNN flag with
+  T5BEAM_XLA_CPU_TUNING=1 (unless XLA_FLAGS already set it, or the jaxlib
+  is not one it was measured on), else ''."""
+  if os.environ.get(TUNING_ENV, '') != '1':
     return ''
   if _YNN_FLAG in os.environ.get('XLA_FLAGS', ''):
     return ''

@@ -14,7 +14,7 @@ from model import runtime  # pylint: disable=g-import-not-at-top
 # is checked against it with YNN kept to individual matmuls (closer to how
 # GPU and TPU fuse), whatever this CPU's own choice: without the flag the
 # CPU backend's analysis of 1x8 greedy at batch 256 came to 1.38x the
-# estimate (an AMX Xeon, where t5beam leaves the flag off).
+# estimate (an AMX Xeon; t5beam leaves the flag off by default).
 os.environ[runtime.TUNING_ENV] = '1'
 runtime.configure_xla_cpu()
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +

@@ -33,7 +33,7 @@ def test_the_flags_apply_before_jax_starts_and_not_after():
       'os.environ.pop("XLA_FLAGS")\n'
       'import jax; jax.devices()\n'
       'print(runtime.configure_xla_cpu(), os.environ.get("XLA_FLAGS"))\n',
-      T5BEAM_XLA_CPU_TUNING='1')  # whatever this CPU would choose
+      T5BEAM_XLA_CPU_TUNING='1')
   before, after = result.stdout.strip().splitlines()[-2:]
   assert before == ('True --xla_cpu_experimental_ynn_fusion_type='
                     'individual_dot')
@@ -48,25 +48,23 @@ def test_tuning_can_be_turned_off():
   assert result.stdout.strip().splitlines()[-1] == 'False'
 
 
-def test_the_flag_is_chosen_by_the_cpus_features(monkeypatch):
+def test_the_flag_is_set_only_when_asked(monkeypatch):
+  """No CPU gets the YNN flag by default (measured to help on none: see
+  model/runtime.py); T5BEAM_XLA_CPU_TUNING=1 sets it, unless XLA_FLAGS
+  already says otherwise."""
   from model import runtime  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv(runtime.TUNING_ENV, raising=False)
   monkeypatch.delenv('XLA_FLAGS', raising=False)
-  zen4 = runtime.Cpu('AuthenticAMD', 25, frozenset({'avx512f', 'avx512_bf16'}))
-  zen3 = runtime.Cpu('AuthenticAMD', 25, frozenset({'avx2'}))
-  zen5 = zen4._replace(family=26)
-  xeon_with_amx = runtime.Cpu('GenuineIntel', 6,
-                              zen4.flags | {'amx_bf16', 'amx_tile'})
-  unknown = runtime.Cpu('', 0, frozenset())
   flag = '--xla_cpu_experimental_ynn_fusion_type=individual_dot'
-  # Set only where it was measured to help.
-  assert runtime.xla_cpu_flags(zen4) == flag
-  for cpu in (zen3, zen5, xeon_with_amx, unknown):
-    assert runtime.xla_cpu_flags(cpu) == '', cpu
+  assert runtime.xla_cpu_flags() == ''
   monkeypatch.setenv(runtime.TUNING_ENV, '1')
-  assert runtime.xla_cpu_flags(xeon_with_amx) == flag
+  assert runtime.xla_cpu_flags() == flag
+  monkeypatch.setenv('XLA_FLAGS',
+                     '--xla_cpu_experimental_ynn_fusion_type=default')
+  assert runtime.xla_cpu_flags() == ''
   monkeypatch.setenv(runtime.TUNING_ENV, '0')
-  assert runtime.xla_cpu_flags(zen4) == ''
+  monkeypatch.delenv('XLA_FLAGS')
+  assert runtime.xla_cpu_flags() == ''
 
 
 def test_this_cpu_is_read_from_proc_cpuinfo():
