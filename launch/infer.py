@@ -26,6 +26,7 @@ import difflib
 import inspect
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -116,6 +117,17 @@ def read_flagfile(path: str) -> List[str]:
   return flags
 
 
+class _QuietGinLookups(logging.Filter):
+  """Drops Gin's own log lines about looking for an include as a Python
+  package resource ('Path not found: runs/infer.gin', logged as errors on
+  every run) before it finds the file on the search path; a file found
+  nowhere is still refused with one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.pathname.endswith(
+        os.path.join('gin', 'resource_reader.py'))
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
               search_paths: Sequence[str]):
   """Parses Gin files and bindings; LaunchError on any Gin problem."""
@@ -127,6 +139,8 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     raise LaunchError('no --gin_file given; pass a Gin file that includes '
                       "'runs/infer.gin' (see the README)")
   source = None
+  lookups = _QuietGinLookups()
+  logging.getLogger().addFilter(lookups)
   try:
     for source in gin_files:
       gin.parse_config_file(source)
@@ -145,6 +159,8 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
                       '--gin_search_paths') from e
   except Exception as e:  # pylint: disable=broad-except
     raise LaunchError(describe_gin_error(e, source)) from e
+  finally:
+    logging.getLogger().removeFilter(lookups)
   for macro in gin_config.REQUIRED_MACROS + gin_config.OPTIONAL_REQUIRED:
     try:
       value = gin.query_parameter(f'%{macro}')
