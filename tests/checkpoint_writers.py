@@ -49,15 +49,24 @@ def mesh_tensorflow_variables(config, params):
 
 
 def write_tensorflow_checkpoint(prefix, variables):
-  """Saves `variables` with TensorFlow's own (TF1-style) Saver."""
+  """Saves `variables` with TensorFlow's own (TF1-style) Saver. Each
+  variable starts from a fed placeholder, not a constant: constants would
+  put every value into the graph (and its .meta file) too, which for a
+  640 MB model took most of a minute."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   graph = tf.Graph()
+  feeds = {}
   with graph.as_default():
     for name, value in variables.items():
-      tf.compat.v1.Variable(value, name=name)
+      value = np.asarray(value)
+      initial = tf.compat.v1.placeholder(tf.as_dtype(value.dtype),
+                                         value.shape)
+      tf.compat.v1.Variable(initial, name=name)
+      feeds[initial] = value
     saver = tf.compat.v1.train.Saver()
     with tf.compat.v1.Session() as session:
-      session.run(tf.compat.v1.global_variables_initializer())
+      session.run(tf.compat.v1.global_variables_initializer(),
+                  feed_dict=feeds)
       return saver.save(session, prefix, global_step=1110000)
 
 

@@ -23,10 +23,10 @@ HEADS, D_FF = 8, 4096
 def checkpoints_on_disk(tmp_path_factory):
   """{format: path}, written by the libraries that own the formats:
   transformers (safetensors), Orbax, TensorFlow and TensorStore (T5X's
-  layout); the last three of the same parameters."""
+  layout), all of the same parameters."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from model import checkpoints, config as config_lib, network  # pylint: disable=g-import-not-at-top
+  from model import checkpoints, config as config_lib  # pylint: disable=g-import-not-at-top
   from tests import checkpoint_writers as writers  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('restore')
   config = config_lib.preset('t5_1_1_small', num_heads=HEADS, d_ff=D_FF)
@@ -38,9 +38,11 @@ def checkpoints_on_disk(tmp_path_factory):
       num_heads=config.num_heads, feed_forward_proj='gated-gelu',
       tie_word_embeddings=False))
   hf.save_pretrained(root / 'hf', safe_serialization=True)
+  # The same values in every format (our layout of transformers' tensors).
+  params = checkpoints.params_from_huggingface(
+      config, {k: v.detach().numpy() for k, v in hf.state_dict().items()})
   del hf
   orbax_path = str(root / 'orbax')
-  params = checkpoints.cast_params(network.init_params(config), 'float32')
   checkpoints.save_orbax(orbax_path, config, params)
   t5x_path = str(root / 't5x' / 'checkpoint_1000')
   writers.write_t5x_checkpoint(t5x_path, params, compressor=None)
@@ -93,6 +95,6 @@ def test_restore_peak_memory_stays_near_the_checkpoint_size(
   if model_axis > 1:
     assert report['mesh'] == {'data': 1, 'model': 8}
     assert report['wo_shard_fraction'] == 1 / 8
-  if fmt != 'safetensors':  # the parameters written, in every layout
-    np.testing.assert_allclose(report['digest'],
-                               checkpoints_on_disk['digest'], rtol=1e-9)
+  # The parameters written, in every format and layout.
+  np.testing.assert_allclose(report['digest'], checkpoints_on_disk['digest'],
+                             rtol=1e-9)
