@@ -84,9 +84,9 @@ class InferChunk(beam.DoFn):
   The model is loaded in `setup`, once per worker process, and shared by the
   DoFn instances of that process's threads. A chunk's records are made and
   its file written by background threads while the model runs the next
-  chunk; the bundle ends
-  only once every file of it is written (a failed write fails the bundle,
-  which Beam retries), so a committed bundle's chunks are all on disk.
+  chunk; the bundle ends only once every file of it is written (a failed
+  record or write fails the bundle, which Beam retries), so a committed
+  bundle's chunks are all on disk.
   """
 
   def __init__(self, config: InferConfig, fingerprint: str,
