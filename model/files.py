@@ -141,12 +141,22 @@ def is_dir(path: str) -> bool:
   return filesystem(path).isdir(path)
 
 
+def _object_store(fs) -> bool:
+  """Whether objects on `fs` appear only when their upload is finalized
+  (GCS), so that writing straight to the final name is atomic."""
+  protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+  return bool({'gs', 'gcs'} & set(protocols))
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str):
   """A binary file to stream into; it appears as `path` only once the block
-  ends without an error (else it is removed). Local files are written to a
-  temporary name and renamed; on GCS the upload streams to a temporary
-  object (gcsfs sends it in blocks), moved into place at the end."""
+  ends without an error. Files are written to a temporary name and renamed
+  (removed on an error). On GCS an object appears only when its upload is
+  finalized, so the upload goes straight to `path`: a small file in one
+  request at the end, a larger one in blocks of a resumable upload that the
+  last block finalizes; an error cancels the upload, and a worker that dies
+  leaves no object (no temporary to copy, delete or clean up)."""
   directory, name = os.path.split(path)
   temporary = join(directory, f'{TEMP_PREFIX}{uuid.uuid4().hex}-{name}')
   local = _local(path)
@@ -163,6 +173,15 @@ def atomic_writer(path: str):
     os.replace(local_temporary, local)
     return
   fs = filesystem(path)
+  if _object_store(fs):
+    f = fs.open(path, 'wb')
+    try:
+      yield f
+    except BaseException:
+      _abandon(f)
+      raise
+    f.close()
+    return
   fs.makedirs(directory, exist_ok=True)
   try:
     with fs.open(temporary, 'wb') as f:
@@ -174,8 +193,26 @@ def atomic_writer(path: str):
   fs.mv(temporary, path)
 
 
+def _abandon(f):
+  """Drops a remote file being written without finalizing it: nothing it
+  buffered is sent, and a resumable upload already begun is cancelled (if
+  the cancel itself fails, the unfinalized upload never becomes an object
+  and the store expires it)."""
+  try:
+    f.discard()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  # A file object closes itself when collected, which would upload what it
+  # buffered: mark it closed first.
+  f.closed = True
+
+
 def write_atomically(path: str, data: bytes):
-  """Writes `data` to `path` so that `path` exists only when complete."""
+  """Writes `data` to `path` so that `path` exists only when complete: on
+  GCS in one upload request (an object appears only when its upload ends)."""
+  if _local(path) is None and _object_store(filesystem(path)):
+    filesystem(path).pipe_file(path, data)
+    return
   with atomic_writer(path) as f:
     f.write(data)
 

@@ -209,3 +209,51 @@ def test_the_run_lock_on_gcs_admits_exactly_one_run():
     assert report[str(generation)]['locks'] == [
         f't5beam-run.lock-{generation:08d}']
   assert report['kept'] and report['released']
+
+
+WRITES_SCRIPT = r'''
+import logging
+from model import files
+requests = []
+
+class Count(logging.Handler):
+  def emit(self, record):
+    requests.append(record.getMessage().split(':', 1)[0])
+
+logging.getLogger('gcsfs').addHandler(Count())
+logging.getLogger('gcsfs').setLevel(logging.DEBUG)
+base = 'gs://t5beam-test/writes'
+report = {}
+requests.clear()
+files.write_atomically(base + '/chunk-0', b'{"a": 1}\n' * 100)
+report['chunk_requests'] = list(requests)
+big = os.urandom(1 << 20) * 12  # past gcsfs's upload block: resumable
+with files.atomic_writer(base + '/big') as f:
+  for i in range(0, len(big), 1 << 20):
+    f.write(big[i:i + (1 << 20)])
+report['big_whole'] = fs.cat(base + '/big') == big
+for name, size in (('big', len(big)), ('small', 1000)):
+  try:  # fails part way: an older object stays, a new name never appears
+    with files.atomic_writer(base + '/' + name) as f:
+      f.write(b'y' * size)
+      raise ValueError('failed part way')
+  except ValueError:
+    pass
+import gc; gc.collect()  # a dropped file must not upload when collected
+fs.invalidate_cache()
+report['big_kept'] = fs.cat(base + '/big') == big
+report['names'] = sorted(os.path.basename(p) for p in fs.ls(base))
+report['chunk'] = fs.cat(base + '/chunk-0').decode()
+print('REPORT ' + json.dumps(report))
+'''
+
+
+def test_gcs_writes_go_straight_to_their_object_and_only_when_whole():
+  with gcs_server.running_server() as env:
+    report = run_child(env, WRITES_SCRIPT)
+  # A chunk file is one upload request (not an upload, a copy and a delete).
+  assert report['chunk_requests'] == ['POST'], report['chunk_requests']
+  assert report['chunk'] == '{"a": 1}\n' * 100
+  assert report['big_whole'] and report['big_kept']
+  # No temporary objects, and the failed writes left nothing behind.
+  assert report['names'] == ['big', 'chunk-0'], report['names']
