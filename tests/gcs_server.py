@@ -275,10 +275,14 @@ def create_bucket(env: dict[str, str], name: str) -> None:
 
 
 @contextlib.contextmanager
-def running_server(data_dir: str = None):
+def running_server(data_dir: str = None, filesystem_root: str = None):
   """Starts server + TLS proxy; yields the env dict for a child process.
   `data_dir` preloads objects: its folders are buckets, their files objects
-  (fake-gcs-server's -data), for tests that need many objects at once."""
+  (fake-gcs-server's -data), for tests that need many objects at once.
+  The server keeps objects in memory, where adding one scans its bucket
+  (a preload of n objects takes time in n^2); with `filesystem_root` it
+  keeps them as files there instead, which preloads in time linear in n
+  (but walks the whole bucket for every page of a listing)."""
   with contextlib.ExitStack() as stack:
     tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix='fakegcs-'))
     cert_path, key_path = _write_self_signed_cert(tmp)
@@ -286,7 +290,9 @@ def running_server(data_dir: str = None):
     http_port = _free_port()
     process = subprocess.Popen(
         [_binary(), '-scheme', 'http', '-host', '127.0.0.1',
-         '-port', str(http_port), '-backend', 'memory', '-log-level', 'error']
+         '-port', str(http_port), '-log-level', 'error']
+        + (['-backend', 'filesystem', '-filesystem-root', filesystem_root]
+           if filesystem_root else ['-backend', 'memory'])
         + (['-data', data_dir] if data_dir else []),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -298,7 +304,8 @@ def running_server(data_dir: str = None):
         process.kill()
         process.wait()
     stack.callback(_stop_server)
-    _wait_for_port(http_port, process)
+    # The server opens its port once its preload is done.
+    _wait_for_port(http_port, process, timeout=3600 if data_dir else 30)
 
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(cert_path, key_path)
