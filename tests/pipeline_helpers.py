@@ -43,6 +43,17 @@ def write_data(directory: str):
       input=corpus, model_prefix=os.path.join(directory, 'spm'),
       vocab_size=48, model_type='unigram', pad_id=0, eos_id=1, unk_id=2,
       bos_id=-1, minloglevel=2)
+  # The same model with 100 sentinel pieces of its own, as the released
+  # .100extra files hold them (seqio's extra_ids add them the same way).
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(directory, 'spm.model'), 'rb') as f:
+    proto = sentencepiece_model_pb2.ModelProto.FromString(f.read())
+  for i in reversed(range(100)):
+    proto.pieces.add(piece=f'\u2581<extra_id_{i}>', score=0.0,
+                     type=sentencepiece_model_pb2.ModelProto.SentencePiece
+                     .USER_DEFINED)
+  with open(os.path.join(directory, 'spm.100extra.model'), 'wb') as f:
+    f.write(proto.SerializeToString())
 
 
 

@@ -54,6 +54,7 @@ MIXTURE_OR_TASK_NAME = 't5beam_test_sentencepiece'
 MIXTURE_OR_TASK_MODULE = 'tests.tasks'
 TASK_FEATURE_LENGTHS = {{'inputs': 512, 'targets': 128}}
 seqio.SentencePieceVocabulary.sentencepiece_model_file = '{spm}'
+seqio.SentencePieceVocabulary.extra_ids = 100  # the task's: no sentinels
 """)
   return path
 

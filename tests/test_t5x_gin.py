@@ -518,3 +518,50 @@ def test_task_modules_a_gin_file_imports_reach_the_workers(env, tree,
                                  f'--gin_search_paths={tree}'])
   assert run_plan.config.task_modules == ('tests.tasks',)
   assert run_plan.config.mixture_or_task_module is None
+
+
+# T5X's model Gin files bind the released vocabulary files alone: a
+# .100extra file holds the 100 sentinel ids already.
+T5X_VOCABULARY_FILES = {
+    't5_1_0': 'gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model',
+    't5_1_1': 'gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model',
+    'flan_t5': 'gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model',
+    'mt5': 'gs://t5-data/vocabs/mc4.250000.100extra/sentencepiece.model',
+}
+
+
+@pytest.mark.parametrize('name', ['t5_1_0_small', 't5_1_1_xxl',
+                                  'flan_t5_base', 'mt5_large'])
+def test_our_model_files_bind_the_vocabulary_as_t5x_does(env, name):
+  """Our model files bind the file T5X's do, adding no extra ids: with the
+  .100extra file (here the test model with 100 sentinel pieces of its own)
+  the vocabulary has the file's ids and no more, as in T5X, and fits the
+  model's embedding; 100 more would have been added before."""
+  del env  # the test data
+  import gin  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  from launch import gin_config, infer  # pylint: disable=g-import-not-at-top
+  from model import config as config_lib  # pylint: disable=g-import-not-at-top
+  gin_files = ['runs/infer.gin', f'models/{name}.gin']
+  required = ["MIXTURE_OR_TASK_NAME = 'unused'", "CHECKPOINT_PATH = 'unused'",
+              "INFER_OUTPUT_DIR = 'unused'",
+              "TASK_FEATURE_LENGTHS = {'inputs': 8, 'targets': 8}"]
+  infer.parse_gin(gin_files, required, [])
+  selector = 'seqio.SentencePieceVocabulary'
+  assert gin.query_parameter(f'{selector}.sentencepiece_model_file') == (
+      T5X_VOCABULARY_FILES[name.rsplit('_', 1)[0]])
+  with pytest.raises(ValueError):  # unbound: seqio's default of none
+    gin.query_parameter(f'{selector}.extra_ids')
+  local = os.path.join(os.environ['T5BEAM_TEST_DATA'], 'spm.100extra.model')
+  infer.parse_gin(gin_files, required + [
+      f"{selector}.sentencepiece_model_file = '{local}'"], [])
+  vocabulary = gin_config.bound_model().vocabulary
+  assert vocabulary == seqio.SentencePieceVocabulary(local)
+  assert vocabulary.vocab_size == 48 + 100
+  # The released file's 32,100 (250,100) ids and nothing more fit the
+  # model's embedding of 32,128 (250,112) rows.
+  released = {'mt5': 250_100}.get(name.split('_')[0], 32_100)
+  assert (released + vocabulary.extra_ids <=
+          config_lib.preset(name.replace('flan_', 't5_1_1_').replace(
+              't5_1_1_t5', 't5_1_1')).vocab_size)
+  gin.clear_config()
