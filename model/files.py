@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import uuid
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Sequence
 
 import fsspec
 
@@ -59,12 +59,20 @@ def exists_all(paths: List[str]) -> List[bool]:
   """exists() of each path. Remote ones are asked concurrently: on GCS a
   check is a round trip of tens of milliseconds, and a worker checks every
   chunk of an element before inferring it."""
-  remote = [p for p in paths if is_remote(p)]
-  if len(remote) < 2:
-    return [exists(p) for p in paths]
+  return map_concurrently(exists, paths,
+                          sum(map(is_remote, paths)) >= 2)
+
+
+def map_concurrently(function, items: Sequence[Any],
+                     remote: bool) -> List[Any]:
+  """[function(item) for item in items], up to CONCURRENT_CHECKS at a time
+  when they reach a `remote` store (round trips, not CPU, are their cost);
+  one after another otherwise."""
+  if not remote or len(items) < 2:
+    return [function(item) for item in items]
   with concurrent.futures.ThreadPoolExecutor(
-      min(CONCURRENT_CHECKS, len(paths))) as pool:
-    return list(pool.map(exists, paths))
+      min(CONCURRENT_CHECKS, len(items))) as pool:
+    return list(pool.map(function, items))
 
 
 def makedirs(path: str):
@@ -79,11 +87,7 @@ def list_names(directory: str) -> List[str]:
       return sorted(os.listdir(local))
     except (FileNotFoundError, NotADirectoryError):
       return []
-  fs = filesystem(directory)
-  if not fs.exists(directory):
-    return []
-  return sorted(os.path.basename(p.rstrip('/'))
-                for p in fs.ls(directory, detail=False))
+  return sorted(_listing(directory))  # one listing, no existence check
 
 
 def _listing(directory: str) -> Dict[str, Dict[str, Any]]:
@@ -125,8 +129,13 @@ def versions(paths: List[str]) -> Dict[str, str]:
 
 
 def read_bytes(path: str) -> bytes:
-  with fsspec.open(path, 'rb') as f:
-    return f.read()
+  """The file's bytes (FileNotFoundError if it is absent): on GCS one
+  download, with no request for its metadata first."""
+  local = _local(path)
+  if local is not None:
+    with open(local, 'rb') as f:
+      return f.read()
+  return filesystem(path).cat_file(path)
 
 
 def read_text(path: str) -> str:

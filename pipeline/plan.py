@@ -93,13 +93,18 @@ def _source_files(task: seqio.Task, config: InferConfig
     return None
 
 
-def pending_tasks(run_plan: RunPlan) -> List[TaskPlan]:
+def pending_tasks(run_plan: RunPlan,
+                  complete: Optional[Dict[str, Optional[Dict]]] = None
+                  ) -> List[TaskPlan]:
   """The tasks still to finish, each with its finished chunks (one listing
-  of its chunk directory)."""
+  of its chunk directory). `complete`: `complete_manifests(run_plan)`, when
+  the caller has it."""
+  if complete is None:
+    complete = complete_manifests(run_plan)
   pending = []
   for task in run_plan.tasks:
     task_layout = run_plan.layout(task.name)
-    if is_task_complete(task_layout, run_plan.fingerprint):
+    if complete[task.name] is not None:
       logging.info('t5beam: %s is already complete in %s', task.name,
                    run_plan.config.output_dir)
       continue
@@ -223,18 +228,39 @@ def expand_output_dir(output_dir: str, checkpoint_path: str,
 
 
 def is_task_complete(task_layout: TaskLayout, fingerprint: str) -> bool:
-  if not files.exists(task_layout.manifest_path):
-    return False
-  manifest = files.read_json(task_layout.manifest_path)
+  return complete_manifest(task_layout, fingerprint) is not None
+
+
+def complete_manifest(task_layout: TaskLayout,
+                      fingerprint: str) -> Optional[Dict]:
+  """The task's manifest when its output is complete for this fingerprint
+  (every file the manifest lists has its marker), else None."""
+  try:  # one read, no existence check first
+    manifest = files.read_json(task_layout.manifest_path)
+  except FileNotFoundError:
+    return None
   if manifest.get('fingerprint') != fingerprint:
-    return False
+    return None
   # The number of output files is the manifest's ('auto' chose it there).
   names = [output['name'] for output in manifest.get('files', [])]
   if not names or (task_layout.num_output_shards is not None and
                    len(names) != task_layout.num_output_shards):
-    return False
+    return None
   present = set(files.list_names(task_layout.output_dir))
-  return all(name + layout_lib.MARKER_SUFFIX in present for name in names)
+  if all(name + layout_lib.MARKER_SUFFIX in present for name in names):
+    return manifest
+  return None
+
+
+def complete_manifests(run_plan: RunPlan) -> Dict[str, Optional[Dict]]:
+  """task -> `complete_manifest` of each of the run's tasks. A mixture's
+  tasks on a remote output directory are checked concurrently: each is a
+  few round trips."""
+  names = run_plan.task_names
+  return dict(zip(names, files.map_concurrently(
+      lambda name: complete_manifest(run_plan.layout(name),
+                                     run_plan.fingerprint),
+      names, files.is_remote(run_plan.config.output_dir))))
 
 
 def claim_output_dir(run_plan: RunPlan) -> Dict:

@@ -81,8 +81,9 @@ def run_inference(run: Union[InferConfig, plan.RunPlan],
   task_names = run_plan.task_names
   if options.view_as(TestOptions).dry_run:
     return _dry_run(run_plan, options, started_at)
-  if all(plan.is_task_complete(run_plan.layout(name), run_plan.fingerprint)
-         for name in task_names) and not _metrics_pending(run_plan):
+  complete = plan.complete_manifests(run_plan)
+  if (all(m is not None for m in complete.values()) and
+      not _metrics_pending(complete)):
     logging.info('t5beam: every output in %s is already complete; nothing '
                  'to do', config.output_dir)
     return RunResult('already_complete', task_names,
@@ -104,9 +105,11 @@ def run_inference(run: Union[InferConfig, plan.RunPlan],
     plan.claim_output_dir(run_plan)
     if on_claimed is not None:
       on_claimed(config)
+    # Read again now that this run holds the directory.
+    complete = plan.complete_manifests(run_plan)
     evaluated = {name: evaluate.finish(config, name, manifest)
-                 for name, manifest in _metrics_pending(run_plan).items()}
-    pending = plan.pending_tasks(run_plan)
+                 for name, manifest in _metrics_pending(complete).items()}
+    pending = plan.pending_tasks(run_plan, complete)
     if not pending:
       return RunResult('metrics' if evaluated else 'already_complete',
                        task_names, manifests=evaluated,
@@ -160,17 +163,12 @@ def _bad_records_failure(config: InferConfig, layout) -> str:
           f'{layout.errors_path()}')
 
 
-def _metrics_pending(run_plan: plan.RunPlan) -> Dict[str, dict]:
-  """task -> manifest of each complete output whose metrics are still to
-  compute (an earlier run's metric failed, or was stopped before them)."""
-  found = {}
-  for name in run_plan.task_names:
-    layout = run_plan.layout(name)
-    if plan.is_task_complete(layout, run_plan.fingerprint):
-      manifest = files.read_json(layout.manifest_path)
-      if evaluate.metrics_pending(manifest):
-        found[name] = manifest
-  return found
+def _metrics_pending(complete: Dict[str, Optional[dict]]) -> Dict[str, dict]:
+  """task -> manifest of each complete output (`complete`: as
+  plan.complete_manifests gives them) whose metrics are still to compute
+  (an earlier run's metric failed, or was stopped before them)."""
+  return {name: manifest for name, manifest in complete.items()
+          if manifest is not None and evaluate.metrics_pending(manifest)}
 
 
 def _dry_run(run_plan: plan.RunPlan, options: PipelineOptions,

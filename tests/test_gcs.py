@@ -52,8 +52,21 @@ config = infer_config(
     mixture_or_task_module='tests.tasks', batch_size=4,
     checkpoint_period=2, num_output_shards=2)
 options = PipelineOptions(['--runner=FnApiRunner'])
-report = {'first': run_inference(config, options).status,
-          'rerun': run_inference(config, options).status}
+report = {'first': run_inference(config, options).status}
+import logging
+requests = []
+
+class Count(logging.Handler):
+  def emit(self, record):
+    if record.getMessage().split(':', 1)[0] in ('GET', 'POST', 'PUT',
+                                                'DELETE', 'HEAD'):
+      requests.append(record.getMessage()[:200])
+
+logging.getLogger('gcsfs').addHandler(Count())
+logging.getLogger('gcsfs').setLevel(logging.DEBUG)
+fs.invalidate_cache()
+report['rerun'] = run_inference(config, options).status
+report['rerun_requests'] = list(requests)
 out = fsspec.core.url_to_fs(output)[0]
 report['files'] = {os.path.basename(p): out.cat(p).decode()
                    for p in out.ls(output)
@@ -92,6 +105,10 @@ def test_data_checkpoint_and_output_on_gcs_match_a_local_run(tmp_path):
   assert (local['first'], local['rerun']) == ('completed', 'already_complete')
   assert (remote['first'], remote['rerun']) == ('completed',
                                                 'already_complete')
+  # A rerun over complete outputs: the input's listing (its identity), the
+  # manifest read once, the output directory's listing (it was 12 requests
+  # when each check asked for existence, then metadata, then the bytes).
+  assert len(remote['rerun_requests']) == 3, remote['rerun_requests']
   names = [f't5beam_test_two_files-predict.jsonl-{i:05d}-of-00002'
            for i in range(2)]
   for name in names:
