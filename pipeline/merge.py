@@ -3,8 +3,11 @@ are merged in input order into `{task}-{mode}.jsonl-i-of-n`, then the
 manifest and the .COMPLETED markers are written, last.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import hashlib
+import io
 import itertools
 import logging
 import time
@@ -128,6 +131,31 @@ def _write_errors(task_layout, num_shards: int):
 
 # What the merge holds of an output file before writing it out.
 MERGE_BUFFER_BYTES = 4 << 20
+# Chunk files the merge fetches ahead of the one it copies, from a remote
+# store: each is a round trip (tens of milliseconds on GCS) it would
+# otherwise wait for, chunk after chunk of its output file. Memory: this
+# many chunk files.
+READ_AHEAD_CHUNKS = 8
+
+
+def _chunk_lines(paths):
+  """An iterator over each file's lines, in order. Local files are streamed;
+  remote ones are each fetched in one request, READ_AHEAD_CHUNKS ahead on
+  as many threads."""
+  if not paths or not files.is_remote(paths[0]):
+    for path in paths:
+      yield files.read_lines(path)
+    return
+  remaining = iter(paths)
+  with concurrent.futures.ThreadPoolExecutor(READ_AHEAD_CHUNKS) as pool:
+    fetching = collections.deque(
+        pool.submit(files.read_bytes, path)
+        for path in itertools.islice(remaining, READ_AHEAD_CHUNKS))
+    while fetching:
+      data = fetching.popleft().result()
+      for path in itertools.islice(remaining, 1):
+        fetching.append(pool.submit(files.read_bytes, path))
+      yield io.BytesIO(data)
 
 
 def _split(chunks, total: int, n: int):
@@ -178,10 +206,10 @@ class MergeOutputShard(beam.DoFn):
         size += len(data)
         buffer, buffered = [], 0
 
-      for path, first, count in job.pieces:
+      for (path, first, count), lines in zip(
+          job.pieces, _chunk_lines([path for path, _, _ in job.pieces])):
         taken = 0
-        for line in itertools.islice(files.read_lines(path), first,
-                                     first + count):
+        for line in itertools.islice(lines, first, first + count):
           if not line.endswith(b'\n'):
             break  # a chunk file is written whole; this one is not
           taken += 1

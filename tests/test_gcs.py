@@ -261,11 +261,20 @@ fs.invalidate_cache()
 report['big_kept'] = fs.cat(base + '/big') == big
 report['names'] = sorted(os.path.basename(p) for p in fs.ls(base))
 report['chunk'] = fs.cat(base + '/chunk-0').decode()
+from pipeline import merge
+paths = [f'{base}/read/chunk-{i:02d}' for i in range(20)]
+for i, path in enumerate(paths):
+  files.write_atomically(path, f'{{"chunk": {i}}}\n'.encode() * (i + 1))
+fs.invalidate_cache()
+requests.clear()
+report['read'] = [[line.decode() for line in lines]
+                  for lines in merge._chunk_lines(paths)]
+report['read_requests'] = list(requests)
 print('REPORT ' + json.dumps(report))
 '''
 
 
-def test_gcs_writes_go_straight_to_their_object_and_only_when_whole():
+def test_gcs_writes_go_straight_to_their_object_and_reads_are_one_request():
   with gcs_server.running_server() as env:
     report = run_child(env, WRITES_SCRIPT)
   # A chunk file is one upload request (not an upload, a copy and a delete).
@@ -274,3 +283,8 @@ def test_gcs_writes_go_straight_to_their_object_and_only_when_whole():
   assert report['big_whole'] and report['big_kept']
   # No temporary objects, and the failed writes left nothing behind.
   assert report['names'] == ['big', 'chunk-0'], report['names']
+  # The merge reads chunk files in order, each in one request (fetched
+  # ahead, several at once).
+  assert report['read'] == [[f'{{"chunk": {i}}}\n'] * (i + 1)
+                            for i in range(20)]
+  assert report['read_requests'] == ['GET'] * 20, report['read_requests']
