@@ -159,13 +159,15 @@ class InferChunk(beam.DoFn):
       counters['model_loads'].inc()
       counters['startup_milliseconds'].inc(int(1000 * startup))
     task_layout = self._config.layout(task_name)
-    paths = [task_layout.chunk_path(shard, self._num_shards[task_name], chunk)
+    num_shards = self._num_shards[task_name]
+    paths = [task_layout.chunk_path(shard, num_shards, chunk)
              for chunk, _ in chunks]
+    written = task_layout.written_chunks(shard, num_shards,
+                                         [chunk for chunk, _ in chunks])
     done = examples = decoded = 0
     seconds = 0.0
-    for (chunk, data), path, written in zip(chunks, paths,
-                                            files.exists_all(paths)):
-      if written:
+    for (chunk, data), path, already in zip(chunks, paths, written):
+      if already:
         # A retried or duplicated bundle: the chunk is already complete.
         counters['chunks_already_written'].inc()
         continue

@@ -22,7 +22,7 @@ of a shard is in chunk i // chunk_size.
 import dataclasses
 import json
 import re
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from model import files
 
@@ -72,6 +72,17 @@ class TaskLayout:
   @staticmethod
   def chunk_name(shard: int, num_shards: int, chunk: int) -> str:
     return f'chunk-{shard:05d}-of-{num_shards:05d}-{chunk:05d}.jsonl'
+
+  def written_chunks(self, shard: int, num_shards: int,
+                     chunks: Sequence[int]) -> List[bool]:
+    """Whether each chunk of the input shard has its file (a retried or
+    duplicated bundle's). Listed by the names' prefix without the chunk
+    number's last two digits: on GCS an element's consecutive chunks take
+    one or two listings of about 100 names, not a few requests each."""
+    names = [self.chunk_name(shard, num_shards, chunk) for chunk in chunks]
+    suffix = len('.jsonl') + 2
+    return files.names_present(self.chunk_dir, names,
+                               sorted({name[:-suffix] for name in names}))
 
   def chunk_path(self, shard: int, num_shards: int, chunk: int) -> str:
     return files.join(self.chunk_dir, self.chunk_name(shard, num_shards, chunk))

@@ -218,15 +218,11 @@ def test_small_chunks_travel_a_few_to_an_element_skipped_ones_never(
       assert data.first == 2 * chunk
 
 
-def test_records_are_made_on_the_writer_and_its_failure_fails_the_bundle(
-    tmp_path, monkeypatch):
-  """InferChunk runs the model on the worker's thread and makes each
-  chunk's records on a writer thread while the model runs on; a record
-  that cannot be made fails the bundle (Beam retries it), its chunk file
-  never appears, and the other chunks' files are whole."""
-  import threading  # pylint: disable=g-import-not-at-top
+def _one_element(tmp_path, monkeypatch):
+  """A file task of 29 examples, 4 to a chunk, and the one element its
+  reader makes of all 8 chunks: (config, spec, element)."""
   import seqio  # pylint: disable=g-import-not-at-top
-  from pipeline import file_tasks, inference, infer_chunks, plan, read  # pylint: disable=g-import-not-at-top
+  from pipeline import file_tasks, plan, read  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(read, 'EXAMPLES_PER_ELEMENT', 100)
   spec = file_tasks.FileTaskSpec((_text_inputs(tmp_path, 'jsonl'),), 'jsonl',
                                  'q', seqio.ByteVocabulary(), targets_key='a')
@@ -241,8 +237,49 @@ def test_records_are_made_on_the_writer_and_its_failure_fails_the_bundle(
   reader.setup()
   (element,) = [o for o in reader.process((spec.task_name, 0, 1))
                 if not isinstance(o, beam.pvalue.TaggedOutput)]
+  assert [chunk for chunk, _ in element[1]] == list(range(8))
+  return config, spec, element
+
+
+def test_chunks_a_retried_bundle_already_wrote_are_kept_not_redone(
+    tmp_path, monkeypatch):
+  """An element whose bundle is retried after some of its chunk files were
+  written: those files are left as they are (no model work for them), the
+  others are written."""
+  from pipeline import infer_chunks  # pylint: disable=g-import-not-at-top
+  config, spec, element = _one_element(tmp_path, monkeypatch)
+  layout = config.layout(spec.task_name)
+  paths = [layout.chunk_path(0, 1, chunk) for chunk, _ in element[1]]
+  os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+  for chunk in (1, 4):
+    with open(paths[chunk], 'w') as f:
+      f.write('{"kept": true}\n')
+  infer = infer_chunks.InferChunk(config, 'fingerprint', {spec.task_name: 1})
+  infer.setup()
+  infer.start_bundle()
+  ((_, stats),) = list(infer.process(element))
+  infer.finish_bundle()
+  infer.teardown()
+  assert stats.chunks == 6
+  for chunk, path in enumerate(paths):
+    records_written = helpers.read_records(path)
+    if chunk in (1, 4):
+      assert records_written == [{'kept': True}]
+    else:
+      assert len(records_written) == min(4, 29 - 4 * chunk)
+      assert all(set(r) == {'inputs', 'prediction'} for r in records_written)
+
+
+def test_records_are_made_on_the_writer_and_its_failure_fails_the_bundle(
+    tmp_path, monkeypatch):
+  """InferChunk runs the model on the worker's thread and makes each
+  chunk's records on a writer thread while the model runs on; a record
+  that cannot be made fails the bundle (Beam retries it), its chunk file
+  never appears, and the other chunks' files are whole."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from pipeline import inference, infer_chunks  # pylint: disable=g-import-not-at-top
+  config, spec, element = _one_element(tmp_path, monkeypatch)
   chunks = [chunk for chunk, _ in element[1]]
-  assert chunks == list(range(8))  # 29 examples, 4 to a chunk
   made_on = []
   make_records = inference.records
 

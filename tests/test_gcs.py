@@ -270,6 +270,14 @@ requests.clear()
 report['read'] = [[line.decode() for line in lines]
                   for lines in merge._chunk_lines(paths)]
 report['read_requests'] = list(requests)
+from pipeline import layout
+task_layout = layout.TaskLayout(base + '/out', 'task', 'predict', 1, 4)
+for chunk in (98, 100, 103, 199, 200):
+  files.write_atomically(task_layout.chunk_path(0, 1, chunk), b'{}\n')
+files.write_atomically(task_layout.chunk_path(1, 2, 101), b'{}\n')  # others
+requests.clear()
+report['written'] = task_layout.written_chunks(0, 1, list(range(90, 122)))
+report['written_requests'] = len(requests)
 print('REPORT ' + json.dumps(report))
 '''
 
@@ -288,3 +296,7 @@ def test_gcs_writes_go_straight_to_their_object_and_reads_are_one_request():
   assert report['read'] == [[f'{{"chunk": {i}}}\n'] * (i + 1)
                             for i in range(20)]
   assert report['read_requests'] == ['GET'] * 20, report['read_requests']
+  # A worker's check of an element's chunks (90 to 121 of one shard): two
+  # prefix listings (chunks 0xx and 1xx), each answered empty or not.
+  assert report['written'] == [n in (98, 100, 103) for n in range(90, 122)]
+  assert report['written_requests'] <= 4, report['written_requests']
