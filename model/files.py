@@ -51,16 +51,8 @@ def exists(path: str) -> bool:
   return filesystem(path).exists(path)
 
 
-# Remote existence checks `exists_all` has in flight at once.
+# Remote requests `map_concurrently` has in flight at once.
 CONCURRENT_CHECKS = 16
-
-
-def exists_all(paths: List[str]) -> List[bool]:
-  """exists() of each path. Remote ones are asked concurrently: on GCS a
-  check is a round trip of tens of milliseconds, and a worker checks every
-  chunk of an element before inferring it."""
-  return map_concurrently(exists, paths,
-                          sum(map(is_remote, paths)) >= 2)
 
 
 def names_present(directory: str, names: Sequence[str],

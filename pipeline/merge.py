@@ -119,9 +119,12 @@ class PlanMerge(beam.DoFn):
 def _write_errors(task_layout, num_shards: int):
   """The input shards' bad records, in order, as the task's errors file
   (none when there are none)."""
-  parts = [files.read_bytes(task_layout.errors_path(shard, num_shards))
-           for shard in range(num_shards)
-           if files.exists(task_layout.errors_path(shard, num_shards))]
+  # One listing, not a check per input shard (thousands of them at scale).
+  present = set(files.list_names(task_layout.chunk_dir))
+  paths = [task_layout.errors_path(shard, num_shards)
+           for shard in range(num_shards)]
+  parts = [files.read_bytes(path) for path in paths
+           if path.rsplit('/', 1)[-1] in present]
   data = b''.join(parts)
   if data:
     files.write_atomically(task_layout.errors_path(), data)
