@@ -21,6 +21,13 @@ TEMP_PREFIX = '.inprogress-'
 
 
 def filesystem(path: str):
+  """The fsspec filesystem of `path`. Remote ones keep no listings cache:
+  gcsfs would otherwise answer a directory's second listing (and existence
+  checks under it) from its first, for the life of the process, blind to
+  what other workers and the launcher wrote since (chunk files, heartbeats,
+  locks)."""
+  if _local(path) is None:
+    return fsspec.core.url_to_fs(path, use_listings_cache=False)[0]
   return fsspec.core.url_to_fs(path)[0]
 
 
@@ -247,7 +254,7 @@ def read_lines(path: str) -> Iterator[bytes]:
   """The lines of a file (with their b'\\n'), streamed."""
   local = _local(path)
   with (open(local, 'rb') if local is not None else
-        fsspec.open(path, 'rb')) as f:
+        filesystem(path).open(path, 'rb')) as f:
     yield from f
 
 

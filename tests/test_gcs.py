@@ -19,7 +19,8 @@ PRELUDE = r'''
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import fsspec
-fs = fsspec.filesystem('gcs')
+# No listings cache, as model.files's: another process's writes show.
+fs = fsspec.filesystem('gcs', use_listings_cache=False)
 if not fs.exists('t5beam-test'):
   fs.mkdir('t5beam-test')
 '''
@@ -67,7 +68,7 @@ logging.getLogger('gcsfs').setLevel(logging.DEBUG)
 fs.invalidate_cache()
 report['rerun'] = run_inference(config, options).status
 report['rerun_requests'] = list(requests)
-out = fsspec.core.url_to_fs(output)[0]
+out = fsspec.core.url_to_fs(output, use_listings_cache=False)[0]
 report['files'] = {os.path.basename(p): out.cat(p).decode()
                    for p in out.ls(output)
                    if '.jsonl-' in p or p.endswith('manifest.json')}
@@ -270,6 +271,21 @@ files.write_atomically(task_layout.chunk_path(1, 2, 101), b'{}\n')  # others
 requests.clear()
 report['written'] = task_layout.written_chunks(0, 1, list(range(90, 122)))
 report['written_requests'] = len(requests)
+# Another process writes and removes while this one lists: every listing
+# and check is fresh (none answered from an earlier one).
+seen = [files.list_names(base + '/shared')]
+other = ('import sys; sys.path.insert(0, {!r}); from model import files; '
+         'files.write_atomically({!r}, b"2"); files.remove({!r})').format(
+             sys.path[0], base + '/shared/b', base + '/shared/a')
+files.write_atomically(base + '/shared/a', b'1')
+seen.append(files.list_names(base + '/shared'))
+present = files.exists(base + '/shared/a')
+import subprocess
+subprocess.run([sys.executable, '-c', other], check=True)
+seen.append(files.list_names(base + '/shared'))
+report['seen'] = seen
+report['exists_after'] = [present, files.exists(base + '/shared/a'),
+                          files.exists(base + '/shared/b')]
 print('REPORT ' + json.dumps(report))
 '''
 
@@ -292,3 +308,5 @@ def test_gcs_writes_go_straight_to_their_object_and_reads_are_one_request():
   # prefix listings (chunks 0xx and 1xx), each answered empty or not.
   assert report['written'] == [n in (98, 100, 103) for n in range(90, 122)]
   assert report['written_requests'] <= 4, report['written_requests']
+  assert report['seen'] == [[], ['a'], ['b']]
+  assert report['exists_after'] == [True, False, True]
