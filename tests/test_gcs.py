@@ -23,6 +23,21 @@ import fsspec
 fs = fsspec.filesystem('gcs', use_listings_cache=False)
 if not fs.exists('t5beam-test'):
   fs.mkdir('t5beam-test')
+import logging
+requests = []  # the method of each request gcsfs makes, once counting
+
+
+class _Count(logging.Handler):
+  def emit(self, record):
+    method = record.getMessage().split(':', 1)[0]
+    if method in ('GET', 'POST', 'PUT', 'DELETE', 'HEAD', 'PATCH'):
+      requests.append(method)
+
+
+def count_requests():
+  requests.clear()
+  logging.getLogger('gcsfs').addHandler(_Count())
+  logging.getLogger('gcsfs').setLevel(logging.DEBUG)
 '''
 
 
@@ -54,18 +69,7 @@ config = infer_config(
     checkpoint_period=2, num_output_shards=2)
 options = PipelineOptions(['--runner=FnApiRunner'])
 report = {'first': run_inference(config, options).status}
-import logging
-requests = []
-
-class Count(logging.Handler):
-  def emit(self, record):
-    if record.getMessage().split(':', 1)[0] in ('GET', 'POST', 'PUT',
-                                                'DELETE', 'HEAD'):
-      requests.append(record.getMessage()[:200])
-
-logging.getLogger('gcsfs').addHandler(Count())
-logging.getLogger('gcsfs').setLevel(logging.DEBUG)
-fs.invalidate_cache()
+count_requests()
 report['rerun'] = run_inference(config, options).status
 report['rerun_requests'] = list(requests)
 out = fsspec.core.url_to_fs(output, use_listings_cache=False)[0]
@@ -222,16 +226,8 @@ def test_the_run_lock_on_gcs_admits_exactly_one_run():
 
 
 WRITES_SCRIPT = r'''
-import logging
 from model import files
-requests = []
-
-class Count(logging.Handler):
-  def emit(self, record):
-    requests.append(record.getMessage().split(':', 1)[0])
-
-logging.getLogger('gcsfs').addHandler(Count())
-logging.getLogger('gcsfs').setLevel(logging.DEBUG)
+count_requests()
 base = 'gs://t5beam-test/writes'
 report = {}
 requests.clear()
@@ -250,7 +246,6 @@ for name, size in (('big', len(big)), ('small', 1000)):
   except ValueError:
     pass
 import gc; gc.collect()  # a dropped file must not upload when collected
-fs.invalidate_cache()
 report['big_kept'] = fs.cat(base + '/big') == big
 report['names'] = sorted(os.path.basename(p) for p in fs.ls(base))
 report['chunk'] = fs.cat(base + '/chunk-0').decode()
@@ -258,7 +253,6 @@ from pipeline import merge
 paths = [f'{base}/read/chunk-{i:02d}' for i in range(20)]
 for i, path in enumerate(paths):
   files.write_atomically(path, f'{{"chunk": {i}}}\n'.encode() * (i + 1))
-fs.invalidate_cache()
 requests.clear()
 report['read'] = [[line.decode() for line in lines]
                   for lines in merge._chunk_lines(paths)]
