@@ -235,9 +235,11 @@ def _abandon(f):
 
 def write_atomically(path: str, data: bytes):
   """Writes `data` to `path` so that `path` exists only when complete: on
-  GCS in one upload request (an object appears only when its upload ends)."""
-  if _local(path) is None and _object_store(filesystem(path)):
-    filesystem(path).pipe_file(path, data)
+  GCS in one upload request (an object appears only when its upload ends;
+  `atomic_writer`'s file would start a resumable upload: two requests)."""
+  fs = None if _local(path) is not None else filesystem(path)
+  if fs is not None and _object_store(fs):
+    fs.pipe_file(path, data)
     return
   with atomic_writer(path) as f:
     f.write(data)
