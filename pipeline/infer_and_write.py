@@ -1,7 +1,8 @@
 """The whole run as one Beam transform, from the launcher's plan to the
 final files:
 
-    ListInputShards -> ReadShards (pipeline.read: chunks, a few to an element) ->
+    ListInputShards -> ReadShards (pipeline.read: chunks, a few to an element;
+    starts loading the model) ->
     SpreadChunks ->
     InferChunks (pipeline.infer_chunks, writes chunk files) ->
     [with the shard counts] PlanMerge -> MergeOutputShards -> WriteManifest
@@ -20,7 +21,7 @@ from typing import Optional, Sequence
 import apache_beam as beam
 
 from pipeline import evaluate, lock, merge, plan
-from pipeline.infer_chunks import InferChunk
+from pipeline.infer_chunks import InferChunk, ModelLoader
 from pipeline.read import SHARD_COUNTS, ReadShard
 
 
@@ -41,13 +42,16 @@ class InferAndWrite(beam.PTransform):
     config = self._run_plan.config
     shards = [(p.name, shard, p.num_shards) for p in self._pending
               for shard in range(p.num_shards)]
+    # Readers start loading the model the inference step will use.
+    loader = ModelLoader(config, self._run_plan.fingerprint)
     infer = InferChunk(config, self._run_plan.fingerprint,
                        {p.name: p.num_shards for p in self._pending},
-                       self._lock_ref)
+                       self._lock_ref, loader)
     read = (pbegin
             | 'ListInputShards' >> beam.Create(shards)
             | 'SpreadShards' >> beam.Reshuffle()
-            | 'ReadShards' >> beam.ParDo(ReadShard(config, self._pending))
+            | 'ReadShards' >> beam.ParDo(
+                ReadShard(config, self._pending, loader))
             .with_outputs(SHARD_COUNTS, main='chunks'))
     stats = (read.chunks
              | 'SpreadChunks' >> beam.Reshuffle()

@@ -10,8 +10,9 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -77,12 +78,56 @@ COUNTERS = ('model_loads', 'startup_milliseconds', 'chunks_already_written',
             'decoded_tokens')
 
 
+class ModelLoader:
+  """The run's model, loaded once per worker process and shared by every
+  DoFn and thread of that process that asks (Beam's `Shared`).
+
+  `start` begins the load on a background thread and returns at once: the
+  reading step calls it, so that a worker restores and compiles the model
+  while it reads its input shards. On a batch runner inference starts only
+  once every shard is read (the shuffle between them is a barrier), so a
+  load begun there would otherwise sit between the two: minutes for a
+  large checkpoint on GCS. `acquire` returns the model, waiting for a load
+  in progress; it raises the load's error (a failed background load is
+  only logged, and `acquire` tries again)."""
+
+  def __init__(self, config: InferConfig, fingerprint: str):
+    self._spec = config.model
+    self._queue_rows = config.chunk_size
+    self._tag = f'{config.model.checkpoint_path}:{fingerprint}'
+    self._handle = shared.Shared()
+
+  def acquire(self) -> inference.LoadedModel:
+    return self._handle.acquire(
+        lambda: inference.load_model(self._spec, self._queue_rows),
+        tag=self._tag)
+
+  def start(self) -> List[inference.LoadedModel]:
+    """Starts loading the model on a background thread of this process
+    (which finds it at once if it is loaded, or waits for a load in
+    progress); returns a list that will hold it: keep the list while the
+    model should stay loaded."""
+    holder = []
+
+    def load():
+      try:
+        holder.append(self.acquire())
+      except Exception:  # pylint: disable=broad-except
+        logging.warning('t5beam: loading the model ahead of inference '
+                        'failed; inference loads it again', exc_info=True)
+
+    threading.Thread(target=load, name='t5beam-model-load',
+                     daemon=True).start()
+    return holder
+
+
 class InferChunk(beam.DoFn):
   """((task, input shard), [(chunk, Chunk), ...]) -> each chunk's jsonl
   file; yields the element's ChunkStats.
 
-  The model is loaded in `setup`, once per worker process, and shared by the
-  DoFn instances of that process's threads. A chunk's records are made and
+  The model is loaded in `setup` (or earlier, by the reading step: see
+  ModelLoader), once per worker process, and shared by the DoFn instances
+  of that process's threads. A chunk's records are made and
   its file written by background threads while the model runs the next
   chunk; the bundle ends only once every file of it is written (a failed
   record or write fails the bundle, which Beam retries), so a committed
@@ -91,10 +136,10 @@ class InferChunk(beam.DoFn):
 
   def __init__(self, config: InferConfig, fingerprint: str,
                num_shards: Dict[str, int],
-               lock_ref: Optional[lock.LockRef] = None):
+               lock_ref: Optional[lock.LockRef] = None,
+               loader: Optional[ModelLoader] = None):
     self._config = config
-    self._fingerprint = fingerprint
-    self._model_handle = shared.Shared()
+    self._loader = loader or ModelLoader(config, fingerprint)
     self._num_shards = dict(num_shards)  # input shards of each task
     self._lock_ref = lock_ref
     self._vocabularies = {}
@@ -102,10 +147,7 @@ class InferChunk(beam.DoFn):
   def setup(self):
     runtime.keep_tensorflow_off_accelerators()
     plan.prepare_tasks(self._config)
-    spec = self._config.model
-    self._model = self._model_handle.acquire(
-        lambda: inference.load_model(spec, self._config.chunk_size),
-        tag=f'{spec.checkpoint_path}:{self._fingerprint}')
+    self._model = self._loader.acquire()
     lock.worker_heartbeat(self._lock_ref)
     remote = files.is_remote(self._config.output_dir)
     self._max_pending = REMOTE_PENDING_WRITES if remote else MAX_PENDING_WRITES

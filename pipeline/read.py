@@ -359,17 +359,22 @@ class ReadShard(beam.DoFn):
 
   Each shard's example count goes to the 'shard_counts' output (and to a
   count file, for the progress line), so the merge knows every chunk it
-  must find.
+  must find. Given the inference step's `model_loader` (an
+  `infer_chunks.ModelLoader`), it starts loading the model while it reads.
   """
 
   def __init__(self, config: InferConfig,
-               task_plans: Sequence[plan.TaskPlan]):
+               task_plans: Sequence[plan.TaskPlan], model_loader=None):
     self._config = config
     self._finished = {p.name: p.finished for p in task_plans}
+    self._model_loader = model_loader
 
   def setup(self):
     runtime.keep_tensorflow_off_accelerators()
     plan.prepare_tasks(self._config)
+    # Held until teardown, so the model outlives the reading.
+    self._loading = (self._model_loader.start()
+                     if self._model_loader is not None else None)
 
   def process(self, element: Tuple[str, int, int]):
     task_name, shard, num_shards = element

@@ -1,5 +1,6 @@
 """runs/infer_from_files.gin: jsonl, TSV and TFRecord inputs without a task."""
 
+import dataclasses
 import json
 import os
 
@@ -268,6 +269,60 @@ def test_chunks_a_retried_bundle_already_wrote_are_kept_not_redone(
     else:
       assert len(records_written) == min(4, 29 - 4 * chunk)
       assert all(set(r) == {'inputs', 'prediction'} for r in records_written)
+
+
+def _join_model_loads():
+  import threading  # pylint: disable=g-import-not-at-top
+  for thread in threading.enumerate():
+    if thread.name == 't5beam-model-load':
+      thread.join()
+
+
+def test_readers_load_the_model_inference_then_uses(tmp_path, monkeypatch,
+                                                    caplog):
+  """ReadShard, given the inference step's ModelLoader, starts loading the
+  model on a background thread in its setup, so the load overlaps the
+  reading; InferChunk (a separately pickled copy, as Beam ships it) then
+  takes that same model: one load in the process. A load that fails in
+  the background is logged, and inference meets the error itself."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  from pipeline import inference, infer_chunks, plan, read  # pylint: disable=g-import-not-at-top
+  loads = []
+  load_model = inference.load_model
+
+  def counted_load(*args, **kwargs):
+    loads.append(threading.current_thread().name)
+    return load_model(*args, **kwargs)
+
+  monkeypatch.setattr(inference, 'load_model', counted_load)
+  config, spec, element = _one_element(tmp_path, monkeypatch)
+  loader = infer_chunks.ModelLoader(config, 'fingerprint')
+  reader = read.ReadShard(config, [plan.TaskPlan(spec.task_name, 1)],
+                          pickle.loads(pickle.dumps(loader)))
+  reader.setup()
+  _join_model_loads()
+  assert loads == ['t5beam-model-load']
+  infer = infer_chunks.InferChunk(config, 'fingerprint', {spec.task_name: 1},
+                                  loader=pickle.loads(pickle.dumps(loader)))
+  infer.setup()
+  infer.start_bundle()
+  ((_, stats),) = list(infer.process(element))
+  infer.finish_bundle()
+  infer.teardown()
+  assert loads == ['t5beam-model-load']
+  assert stats.chunks == 8 and stats.examples == 29
+
+  bad = dataclasses.replace(
+      config, model=dataclasses.replace(
+          config.model, checkpoint_path=str(tmp_path / 'no-checkpoint')))
+  broken = infer_chunks.ModelLoader(bad, 'fingerprint')
+  with caplog.at_level('WARNING'):
+    broken.start()
+    _join_model_loads()
+  assert 'loading the model ahead of inference failed' in caplog.text
+  with pytest.raises(Exception, match='no-checkpoint'):
+    broken.acquire()
 
 
 def test_records_are_made_on_the_writer_and_its_failure_fails_the_bundle(
