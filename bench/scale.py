@@ -242,9 +242,9 @@ def runs(args, work):
   print(f'model alone: {rate:.0f} examples/s (batches of {BATCH}, '
         'demo model, float32)')
   rows = []
-  for n in sizes:
+  for i, n in enumerate(sizes):  # `--factor 1` runs one size twice
     first, last, total, peak, manifest = timed_run(
-        work, patterns[n], os.path.join(work, f'out{n}'))
+        work, patterns[n], os.path.join(work, f'out{i}-{n}'))
     examples = manifest['records']
     steady = last - first
     per_chunk = steady / max(n - 1, 1)
