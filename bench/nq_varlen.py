@@ -49,6 +49,7 @@ from model.inference import InferenceModel
 
 FEATURE_LENGTH = 64
 DECODE_LENGTH = 32
+OURS = 'ours'  # float32_tokens' key for every one of our modes
 TRANSFORMERS = 'transformers'
 # --uniform: nq-small-greedy's shape (every input this long, every answer
 # DECODE_LENGTH tokens), where nothing is padding and no row waits.
@@ -160,6 +161,19 @@ def main():
 
   rng = (np.asarray(jax.random.split(jax.random.PRNGKey(0), len(inputs)))
          if decoding.needs_rng else None)
+  # In a bfloat16 run, each side's own float32 decodes on the same weights:
+  # how far bfloat16 moves a side from its float32 results.
+  float32_tokens = {}
+  if args.dtype == 'bfloat16':
+    model32 = InferenceModel(*shared_weights('float32', args.eos_scale)[:2])
+    float32_tokens[OURS] = np.asarray(model32.predict_examples(
+        inputs, batch_size=128, max_length=DECODE_LENGTH,
+        batching=Batching('continuous'), queue_rows=len(inputs),
+        decoding=decoding, rng=rng, stop_at_eos=not args.uniform))
+    del model32
+    if not args.skip_transformers:
+      float32_tokens[TRANSFORMERS] = np.asarray(transformers_decode(
+          reference_model, inputs, 128, full_length=args.uniform))
   for batch_size in [int(b) for b in args.batch_sizes.split(',')]:
     sides = {}
     for mode in args.modes.split(','):
@@ -199,7 +213,8 @@ def main():
               f'{decoded / best:8.0f} tok/s (rounds '
               f'{", ".join(f"{s:.1f}" for s in seconds[name])} s)')
       if name != TRANSFORMERS:
-        line += f'  x{static / best:.2f} static'
+        if 'static' in seconds:
+          line += f'  x{static / best:.2f} static'
         if TRANSFORMERS in tokens:
           line += f'  x{base / best:.2f} transformers'
           differ = (tokens[name] != tokens[TRANSFORMERS]).any(axis=1)
@@ -212,6 +227,13 @@ def main():
         elif name != 'static' and 'static' in tokens:
           differ = (tokens[name] != tokens['static']).any(axis=1)
           line += f'; differing from static: {differ.sum()} of {len(differ)}'
+      reference = float32_tokens.get(
+          TRANSFORMERS if name == TRANSFORMERS else OURS)
+      if reference is not None:
+        equal = tokens[name] == reference
+        line += (f'; against its own float32: {equal.all(axis=1).mean():.1%}'
+                 f' of sequences, {equal.mean():.1%} of token positions '
+                 'equal')
       print(line, flush=True)
 
 
