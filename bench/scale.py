@@ -5,8 +5,9 @@ checkpoint_period 1, so a chunk is one batch), run as the whole command
 (`python -m launch.infer`, DirectRunner) at two sizes 10x apart. For each it
 prints: total wall time, time to the first chunk file (start-up and
 planning), time after the last chunk (merge and manifest), steady time per
-chunk and its overhead beyond the model's own time, and the command's peak
-memory. The model's own examples/s on the same batches is measured first,
+chunk and its overhead beyond the model's own time, the command's peak
+memory, the model's examples/s of model time inside the run (the
+manifest's) against alone, and its restore and compile seconds (the log's). The model's own examples/s on the same batches is measured first,
 in this process. Then it times planning a resumed run over 10^5 finished
 chunk files, on local disk and on the loopback GCS server of the tests.
 Not a test: run it by hand.
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -143,6 +145,18 @@ def timed_run(work: str, pattern: str, output: str):
           usage.ru_maxrss / 1024, manifest)
 
 
+def load_report(output: str) -> str:
+  """What the run's log says of its model load: restore and compilation
+  seconds (the load overlaps the reading)."""
+  with open(output + '.log') as log:
+    found = re.search(r'loaded the model in ([0-9.]+) s .* compiled batch '
+                      r'shape [0-9]+ in ([0-9.]+) s', log.read())
+  if not found:
+    return 'no model load in its log'
+  return (f'model restored in {found[1]} s and compiled in {found[2]} s '
+          '(while the shards were read)')
+
+
 def plan_over_finished_chunks(root: str, chunks: int):
   """Seconds (wall, and this process's CPU) to plan a resume over `chunks`
   finished chunk files in `root` (a local directory or gs:// path), made
@@ -243,8 +257,8 @@ def runs(args, work):
         'demo model, float32)')
   rows = []
   for i, n in enumerate(sizes):  # `--factor 1` runs one size twice
-    first, last, total, peak, manifest = timed_run(
-        work, patterns[n], os.path.join(work, f'out{i}-{n}'))
+    output = os.path.join(work, f'out{i}-{n}')
+    first, last, total, peak, manifest = timed_run(work, patterns[n], output)
     examples = manifest['records']
     steady = last - first
     per_chunk = steady / max(n - 1, 1)
@@ -257,6 +271,9 @@ def runs(args, work):
           f'({BATCH / per_chunk / rate:.0%} of the model alone), overhead '
           f'{1000 * (per_chunk - BATCH / rate):.2f} ms per chunk; peak '
           f'{peak:.0f} MB')
+    inside = manifest['this_run']['examples_per_second']
+    print(f'  the model inside the run: {inside:.0f} examples/s of model '
+          f'time ({inside / rate:.0%} of alone); {load_report(output)}')
   small, large = rows
   print(f'per chunk, {args.factor}x larger / smaller: '
         f'{large[5] / small[5]:.3f}; time after the last chunk as a share '
