@@ -7,7 +7,8 @@ prints: total wall time, time to the first chunk file (start-up and
 planning), time after the last chunk (merge and manifest), steady time per
 chunk and its overhead beyond the model's own time, the command's peak
 memory, the model's examples/s of model time inside the run (the
-manifest's) against alone, and its restore and compile seconds (the log's). The model's own examples/s on the same batches is measured first,
+manifest's) against alone, and its restore and compile seconds (the
+log's). The model's own examples/s on the same batches is measured first,
 in this process. Then it times planning a resumed run over 10^5 finished
 chunk files, on local disk and on the loopback GCS server of the tests.
 Not a test: run it by hand.
