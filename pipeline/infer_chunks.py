@@ -83,11 +83,11 @@ class ModelLoader:
   DoFn and thread of that process that asks (Beam's `Shared`).
 
   `start` begins the load on a background thread and returns at once: the
-  reading step calls it, so that a worker restores and compiles the model
-  while it reads its input shards. On a batch runner inference starts only
-  once every shard is read (the shuffle between them is a barrier), so a
-  load begun there would otherwise sit between the two: minutes for a
-  large checkpoint on GCS. `acquire` returns the model, waiting for a load
+  reading step calls it at its first chunk still to infer, so that a
+  worker restores and compiles the model while it reads its input shards.
+  On a batch runner inference starts only once every shard is read (the
+  shuffle between them is a barrier), so a load begun by the inference
+  step would sit between the two: minutes for a large checkpoint on GCS. `acquire` returns the model, waiting for a load
   in progress; it raises the load's error (a failed background load is
   only logged, and `acquire` tries again)."""
 

@@ -360,7 +360,9 @@ class ReadShard(beam.DoFn):
   Each shard's example count goes to the 'shard_counts' output (and to a
   count file, for the progress line), so the merge knows every chunk it
   must find. Given the inference step's `model_loader` (an
-  `infer_chunks.ModelLoader`), it starts loading the model while it reads.
+  `infer_chunks.ModelLoader`), it starts loading the model once it reads a
+  chunk still to infer, and reads on while the model loads (a worker whose
+  shards an earlier run finished loads nothing).
   """
 
   def __init__(self, config: InferConfig,
@@ -372,9 +374,9 @@ class ReadShard(beam.DoFn):
   def setup(self):
     runtime.keep_tensorflow_off_accelerators()
     plan.prepare_tasks(self._config)
-    # Held until teardown, so the model outlives the reading.
-    self._loading = (self._model_loader.start()
-                     if self._model_loader is not None else None)
+    # The model being loaded, held until teardown so that it outlives the
+    # reading.
+    self._loading = None
 
   def process(self, element: Tuple[str, int, int]):
     task_name, shard, num_shards = element
@@ -391,6 +393,8 @@ class ReadShard(beam.DoFn):
       if data is None:
         skipped += 1
         continue
+      if self._loading is None and self._model_loader is not None:
+        self._loading = self._model_loader.start()
       group.append((chunk, data))
       in_group += examples
       if in_group >= EXAMPLES_PER_ELEMENT:

@@ -281,10 +281,12 @@ def _join_model_loads():
 def test_readers_load_the_model_inference_then_uses(tmp_path, monkeypatch,
                                                     caplog):
   """ReadShard, given the inference step's ModelLoader, starts loading the
-  model on a background thread in its setup, so the load overlaps the
-  reading; InferChunk (a separately pickled copy, as Beam ships it) then
-  takes that same model: one load in the process. A load that fails in
-  the background is logged, and inference meets the error itself."""
+  model on a background thread at the first chunk it reads that is still
+  to infer, so the load overlaps the reading (a shard an earlier run
+  finished starts none); InferChunk (a separately pickled copy, as Beam
+  ships it) then takes that same model: one load in the process. A load
+  that fails in the background is logged, and inference meets the error
+  itself."""
   import pickle  # pylint: disable=g-import-not-at-top
   import threading  # pylint: disable=g-import-not-at-top
   from pipeline import inference, infer_chunks, plan, read  # pylint: disable=g-import-not-at-top
@@ -298,9 +300,22 @@ def test_readers_load_the_model_inference_then_uses(tmp_path, monkeypatch,
   monkeypatch.setattr(inference, 'load_model', counted_load)
   config, spec, element = _one_element(tmp_path, monkeypatch)
   loader = infer_chunks.ModelLoader(config, 'fingerprint')
+  finished = read.ReadShard(
+      config, [plan.TaskPlan(spec.task_name, 1,
+                             frozenset((0, chunk) for chunk in range(8)))],
+      pickle.loads(pickle.dumps(loader)))
+  finished.setup()
+  outputs = list(finished.process((spec.task_name, 0, 1)))
+  assert all(isinstance(o, beam.pvalue.TaggedOutput) for o in outputs)
+  _join_model_loads()
+  assert not loads
   reader = read.ReadShard(config, [plan.TaskPlan(spec.task_name, 1)],
                           pickle.loads(pickle.dumps(loader)))
   reader.setup()
+  assert not loads
+  (read_element,) = [o for o in reader.process((spec.task_name, 0, 1))
+                     if not isinstance(o, beam.pvalue.TaggedOutput)]
+  assert [chunk for chunk, _ in read_element[1]] == list(range(8))
   _join_model_loads()
   assert loads == ['t5beam-model-load']
   infer = infer_chunks.InferChunk(config, 'fingerprint', {spec.task_name: 1},
