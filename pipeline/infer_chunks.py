@@ -87,9 +87,10 @@ class ModelLoader:
   worker restores and compiles the model while it reads its input shards.
   On a batch runner inference starts only once every shard is read (the
   shuffle between them is a barrier), so a load begun by the inference
-  step would sit between the two: minutes for a large checkpoint on GCS. `acquire` returns the model, waiting for a load
-  in progress; it raises the load's error (a failed background load is
-  only logged, and `acquire` tries again)."""
+  step would sit between the two: minutes for a large checkpoint on GCS.
+  `acquire` returns the model, waiting for a load in progress; it raises
+  the load's error (a failed background load is only logged, and
+  `acquire` tries again)."""
 
   def __init__(self, config: InferConfig, fingerprint: str):
     self._spec = config.model
