@@ -70,6 +70,12 @@ class ChunkStats:
 MAX_PENDING_WRITES = 4
 REMOTE_WRITERS = 8
 REMOTE_PENDING_WRITES = 16
+# Thread names, in Python and in the operating system (`top -H`; the
+# benchmarks account CPU time by them): at most 15 bytes. A thread takes
+# its creator's OS name, so XLA's runtime threads, which the model load
+# starts with JAX's backend, are 't5beam-model' too.
+LOAD_THREAD = 't5beam-model'
+WRITER_THREAD = 't5beam-writer'
 # A worker logs its progress at most this often (and after its first chunk),
 # not once per chunk: a billion examples are hundreds of thousands of chunks.
 LOG_EVERY_SECONDS = 60.0
@@ -111,13 +117,14 @@ class ModelLoader:
     holder = []
 
     def load():
+      runtime.name_os_thread(LOAD_THREAD)
       try:
         holder.append(self.acquire())
       except Exception:  # pylint: disable=broad-except
         logging.warning('t5beam: loading the model ahead of inference '
                         'failed; inference loads it again', exc_info=True)
 
-    threading.Thread(target=load, name='t5beam-model-load',
+    threading.Thread(target=load, name=LOAD_THREAD,
                      daemon=True).start()
     return holder
 
@@ -154,7 +161,8 @@ class InferChunk(beam.DoFn):
     self._max_pending = REMOTE_PENDING_WRITES if remote else MAX_PENDING_WRITES
     self._writer = concurrent.futures.ThreadPoolExecutor(
         REMOTE_WRITERS if remote else 1,
-        thread_name_prefix='t5beam-chunk-writer')
+        thread_name_prefix=WRITER_THREAD,
+        initializer=runtime.name_os_thread, initargs=(WRITER_THREAD,))
     self._pending = []
     self._counters = {name: Metrics.counter(NAMESPACE, name)
                       for name in COUNTERS}

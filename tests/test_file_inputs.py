@@ -273,8 +273,9 @@ def test_chunks_a_retried_bundle_already_wrote_are_kept_not_redone(
 
 def _join_model_loads():
   import threading  # pylint: disable=g-import-not-at-top
+  from pipeline import infer_chunks  # pylint: disable=g-import-not-at-top
   for thread in threading.enumerate():
-    if thread.name == 't5beam-model-load':
+    if thread.name == infer_chunks.LOAD_THREAD:
       thread.join()
 
 
@@ -290,11 +291,13 @@ def test_readers_load_the_model_inference_then_uses(tmp_path, monkeypatch,
   import pickle  # pylint: disable=g-import-not-at-top
   import threading  # pylint: disable=g-import-not-at-top
   from pipeline import inference, infer_chunks, plan, read  # pylint: disable=g-import-not-at-top
-  loads = []
+  loads, os_names = [], []
   load_model = inference.load_model
 
   def counted_load(*args, **kwargs):
     loads.append(threading.current_thread().name)
+    with open(f'/proc/self/task/{threading.get_native_id()}/comm') as f:
+      os_names.append(f.read().strip())  # the name `top -H` shows
     return load_model(*args, **kwargs)
 
   monkeypatch.setattr(inference, 'load_model', counted_load)
@@ -317,7 +320,7 @@ def test_readers_load_the_model_inference_then_uses(tmp_path, monkeypatch,
                      if not isinstance(o, beam.pvalue.TaggedOutput)]
   assert [chunk for chunk, _ in read_element[1]] == list(range(8))
   _join_model_loads()
-  assert loads == ['t5beam-model-load']
+  assert loads == os_names == [infer_chunks.LOAD_THREAD]
   infer = infer_chunks.InferChunk(config, 'fingerprint', {spec.task_name: 1},
                                   loader=pickle.loads(pickle.dumps(loader)))
   infer.setup()
@@ -325,7 +328,7 @@ def test_readers_load_the_model_inference_then_uses(tmp_path, monkeypatch,
   ((_, stats),) = list(infer.process(element))
   infer.finish_bundle()
   infer.teardown()
-  assert loads == ['t5beam-model-load']
+  assert loads == [infer_chunks.LOAD_THREAD]
   assert stats.chunks == 8 and stats.examples == 29
 
   bad = dataclasses.replace(
@@ -350,11 +353,13 @@ def test_records_are_made_on_the_writer_and_its_failure_fails_the_bundle(
   from pipeline import inference, infer_chunks  # pylint: disable=g-import-not-at-top
   config, spec, element = _one_element(tmp_path, monkeypatch)
   chunks = [chunk for chunk, _ in element[1]]
-  made_on = []
+  made_on, os_names = [], []
   make_records = inference.records
 
   def records(*args):
     made_on.append(threading.current_thread().name)
+    with open(f'/proc/self/task/{threading.get_native_id()}/comm') as f:
+      os_names.append(f.read().strip())  # what `top -H` shows
     if len(made_on) == 3:
       raise ValueError('this chunk cannot be decoded')
     return make_records(*args)
@@ -367,8 +372,9 @@ def test_records_are_made_on_the_writer_and_its_failure_fails_the_bundle(
     list(infer.process(element))
     infer.finish_bundle()
   infer.teardown()
-  assert made_on and all(name.startswith('t5beam-chunk-writer')
+  assert made_on and all(name.startswith(infer_chunks.WRITER_THREAD)
                          for name in made_on)
+  assert set(os_names) == {infer_chunks.WRITER_THREAD}
   layout = config.layout(spec.task_name)
   paths = [layout.chunk_path(0, 1, chunk) for chunk in chunks]
   written = [os.path.exists(p) for p in paths]

@@ -1,5 +1,6 @@
 """Process-wide settings: importing t5beam changes none; the explicit call
-applies the XLA CPU flags before JAX starts, and only then."""
+applies the XLA CPU flags before JAX starts, and only then; a thread can
+be named in the operating system."""
 
 import os
 import subprocess
@@ -78,3 +79,29 @@ def test_this_cpu_is_read_from_proc_cpuinfo():
   assert f'vendor_id\t: {cpu.vendor}\n' in text
   assert f'cpu family\t: {cpu.family}\n' in text
   assert cpu.flags and all(f' {flag}' in text for flag in cpu.flags)
+
+
+def test_a_thread_is_named_in_the_os_and_only_that_thread():
+  import threading  # pylint: disable=g-import-not-at-top
+  from model import runtime  # pylint: disable=g-import-not-at-top
+
+  def os_name(thread_id: int) -> str:
+    with open(f'/proc/self/task/{thread_id}/comm') as f:
+      return f.read().strip()
+
+  if not os.path.exists(f'/proc/self/task/{threading.get_native_id()}'):
+    return  # not Linux: nothing to name
+  main_name = os_name(threading.get_native_id())
+  seen = {}
+
+  def named(name):
+    runtime.name_os_thread(name)
+    seen[name] = os_name(threading.get_native_id())
+
+  for name in ('t5beam-writer', 'a-name-longer-than-fifteen-bytes'):
+    thread = threading.Thread(target=named, args=(name,))
+    thread.start()
+    thread.join()
+  assert seen == {'t5beam-writer': 't5beam-writer',
+                  'a-name-longer-than-fifteen-bytes': 'a-name-longer-t'}
+  assert os_name(threading.get_native_id()) == main_name
