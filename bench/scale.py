@@ -7,8 +7,10 @@ prints: total wall time, time to the first chunk file (start-up and
 planning), time after the last chunk (merge and manifest), steady time per
 chunk and its overhead beyond the model's own time, the command's peak
 memory, the model's examples/s of model time inside the run (the
-manifest's) against alone, and its restore and compile seconds (the
-log's). The model's own examples/s on the same batches is measured first,
+manifest's) against alone, its restore and compile seconds (the log's),
+and where the command's CPU went per chunk in its steady state, by thread
+(the main thread, XLA's compute threads, the chunk writer, the rest; user
+and system time, from /proc on Linux). The model's own examples/s on the same batches is measured first,
 in this process. Then it times planning a resumed run over 10^5 finished
 chunk files, on local disk and on the loopback GCS server of the tests.
 Not a test: run it by hand.
@@ -98,11 +100,12 @@ def model_alone(work: str, pattern: str) -> float:
   return best
 
 
-def timed_run(work: str, pattern: str, output: str):
-  """Runs the whole command; (seconds to the first chunk file, to the last,
-  to the end, peak RSS MB, manifest)."""
+def timed_run(work: str, pattern: str, output: str, chunks: int):
+  """Runs the whole command (`chunks` chunks); (seconds to the first chunk
+  file, to the last, to the end, peak RSS MB, manifest, steady_cpu's
+  line)."""
   args = gin_args(work, pattern, output)
-  seen = {'first': None, 'last': None, 'count': 0}
+  seen = {'first': None, 'last': None, 'count': 0, 'pid': None, 'cpu': []}
   done = threading.Event()
 
   def watch():
@@ -123,6 +126,10 @@ def timed_run(work: str, pattern: str, output: str):
         seen['first'] = now
       if count > seen['count']:
         seen['count'], seen['last'] = count, now
+      # The CPU of the command's threads at 10% and 90% of its chunks.
+      marks = [chunks * p // 10 for p in (1, 9)][len(seen['cpu']):]
+      if marks and count >= marks[0] and seen['pid']:
+        seen['cpu'].append((count, thread_cpu(seen['pid'])))
 
   watcher = threading.Thread(target=watch, daemon=True)
   start = time.perf_counter()
@@ -132,6 +139,7 @@ def timed_run(work: str, pattern: str, output: str):
     process = subprocess.Popen(
         [sys.executable, '-m', 'launch.infer', *args], cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=log)
+    seen['pid'] = process.pid
     _, status, usage = os.wait4(process.pid, 0)
   end = time.perf_counter()
   done.set()
@@ -143,7 +151,59 @@ def timed_run(work: str, pattern: str, output: str):
   with open(os.path.join(output, manifest)) as f:
     manifest = json.load(f)
   return (seen['first'] - start, seen['last'] - start, end - start,
-          usage.ru_maxrss / 1024, manifest)
+          usage.ru_maxrss / 1024, manifest, steady_cpu(process.pid,
+                                                       seen['cpu']))
+
+
+def thread_cpu(pid: int):
+  """{thread id: (its name in the OS, user seconds, system seconds)} of a
+  running process (Linux's /proc; {} elsewhere or once it has ended)."""
+  ticks = os.sysconf('SC_CLK_TCK')
+  threads = {}
+  try:
+    tids = os.listdir(f'/proc/{pid}/task')
+  except OSError:
+    return threads
+  for tid in tids:
+    try:
+      with open(f'/proc/{pid}/task/{tid}/stat') as f:
+        stat = f.read()
+    except OSError:
+      continue  # ended meanwhile
+    name = stat[stat.index('(') + 1:stat.rindex(')')]
+    fields = stat[stat.rindex(')') + 2:].split()  # from field 3, the state
+    threads[int(tid)] = (name, int(fields[11]) / ticks,
+                         int(fields[12]) / ticks)
+  return threads
+
+
+def steady_cpu(pid: int, marks) -> str:
+  """Where the command's CPU went per chunk between two (chunks written,
+  thread_cpu) marks, by thread: the worker's main thread (Beam, and the
+  model's dispatch), XLA's compute pool and runtime threads, the chunk
+  writer, the rest; user + system milliseconds."""
+  if len(marks) < 2 or not marks[0][1] or marks[1][0] <= marks[0][0]:
+    return 'no per-thread CPU (not Linux, or too few chunks)'
+  (count0, before), (count1, after) = marks
+  roles = {}
+  for tid, (name, user, system) in after.items():
+    _, user0, system0 = before.get(tid, (name, 0.0, 0.0))
+    # A new thread takes its creator's OS name: XLA's runtime threads are
+    # named after the thread that started JAX's backend, the model load.
+    role = ('main thread' if tid == pid else
+            'XLA compute pool' if name == 'tf_XLAEigen' else
+            'XLA runtime (t5beam-model)' if name == 't5beam-model' else
+            name if name.startswith('t5beam-') else 'other threads')
+    spent = roles.setdefault(role, [0.0, 0.0])
+    spent[0] += user - user0
+    spent[1] += system - system0
+  per_chunk = 1000 / (count1 - count0)
+  parts = [f'{role} {user * per_chunk:.2f} + {system * per_chunk:.2f}'
+           for role, (user, system) in sorted(
+               roles.items(), key=lambda r: -sum(r[1])) if user + system]
+  total = sum(sum(spent) for spent in roles.values()) * per_chunk
+  return (f'CPU per chunk (ms, user + system): {"; ".join(parts)}; in all '
+          f'{total:.2f}')
 
 
 def load_report(output: str) -> str:
@@ -259,7 +319,8 @@ def runs(args, work):
   rows = []
   for i, n in enumerate(sizes):  # `--factor 1` runs one size twice
     output = os.path.join(work, f'out{i}-{n}')
-    first, last, total, peak, manifest = timed_run(work, patterns[n], output)
+    first, last, total, peak, manifest, cpu = timed_run(
+        work, patterns[n], output, n)
     examples = manifest['records']
     steady = last - first
     per_chunk = steady / max(n - 1, 1)
@@ -275,6 +336,7 @@ def runs(args, work):
     inside = manifest['this_run']['examples_per_second']
     print(f'  the model inside the run: {inside:.0f} examples/s of model '
           f'time ({inside / rate:.0%} of alone); {load_report(output)}')
+    print(f'  steady state (10% to 90% of the chunks): {cpu}')
   small, large = rows
   print(f'per chunk, {args.factor}x larger / smaller: '
         f'{large[5] / small[5]:.3f}; time after the last chunk as a share '
