@@ -18,6 +18,7 @@ Not a test: run it by hand.
     .venv/bin/python bench/scale.py [--chunks 1000] [--factor 10]
         [--plan-chunks 100000] [--gcs-plan-chunks 10000] [--no-gcs]
         [--gcs-files] [--planning-only] [--dir /dev/shm]
+        [--beam=--direct_num_workers=1 ...]
 """
 
 import argparse
@@ -100,11 +101,12 @@ def model_alone(work: str, pattern: str) -> float:
   return best
 
 
-def timed_run(work: str, pattern: str, output: str, chunks: int):
+def timed_run(work: str, pattern: str, output: str, chunks: int,
+              beam_args=()):
   """Runs the whole command (`chunks` chunks); (seconds to the first chunk
   file, to the last, to the end, peak RSS MB, manifest, steady_cpu's
   line)."""
-  args = gin_args(work, pattern, output)
+  args = gin_args(work, pattern, output) + list(beam_args)
   seen = {'first': None, 'last': None, 'count': 0, 'pid': None, 'cpu': []}
   done = threading.Event()
 
@@ -291,6 +293,9 @@ def main():
   # on tmpfs): --dir /dev/shm separates the pipeline's own cost per chunk
   # from the disk's.
   parser.add_argument('--dir', default=None)
+  # Beam options for the runs (repeat it), e.g. --beam=--direct_num_workers=1
+  # for the worker threads of the launcher's default, LOCAL_THREADS.
+  parser.add_argument('--beam', action='append', default=[])
   parser.add_argument('--plan-only', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.plan_only:  # the GCS planning child
@@ -320,7 +325,7 @@ def runs(args, work):
   for i, n in enumerate(sizes):  # `--factor 1` runs one size twice
     output = os.path.join(work, f'out{i}-{n}')
     first, last, total, peak, manifest, cpu = timed_run(
-        work, patterns[n], output, n)
+        work, patterns[n], output, n, args.beam)
     examples = manifest['records']
     steady = last - first
     per_chunk = steady / max(n - 1, 1)
@@ -335,7 +340,8 @@ def runs(args, work):
           f'{peak:.0f} MB')
     inside = manifest['this_run']['examples_per_second']
     print(f'  the model inside the run: {inside:.0f} examples/s of model '
-          f'time ({inside / rate:.0%} of alone); {load_report(output)}')
+          f'time ({inside / rate:.0%} of alone; the time of its calls, '
+          f'summed over the worker\'s threads); {load_report(output)}')
     print(f'  steady state (10% to 90% of the chunks): {cpu}')
   small, large = rows
   print(f'per chunk, {args.factor}x larger / smaller: '

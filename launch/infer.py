@@ -405,6 +405,13 @@ def write_run_info(config):
                          ('\n'.join(lines) + '\n').encode('utf-8'))
 
 
+# A run given no runner runs on FnApiRunner with this many worker threads
+# in the launcher's process (unless a --direct_* option says otherwise):
+# two chunks in flight keep a second core, or the accelerator, busy while
+# the other thread does a chunk's host work.
+LOCAL_THREADS = 2
+
+
 def pipeline_options(beam_args: Sequence[str]):
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   from apache_beam.options.pipeline_options import StandardOptions  # pylint: disable=g-import-not-at-top
@@ -412,6 +419,10 @@ def pipeline_options(beam_args: Sequence[str]):
   options = PipelineOptions(args)
   if options.view_as(StandardOptions).runner is None:
     args.append('--runner=FnApiRunner')
+    if not any(arg.startswith(('--direct_running_mode',
+                               '--direct_num_workers')) for arg in args):
+      args += ['--direct_running_mode=multi_threading',
+               f'--direct_num_workers={LOCAL_THREADS}']
     options = PipelineOptions(args)
   return options
 
