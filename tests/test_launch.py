@@ -275,3 +275,24 @@ def test_num_decodes_without_a_decoder_is_refused(env, tmp_path):
   assert_refused(*launch_user_gin(env, tmp_path,
                                   '--gin.infer.num_decodes=4'),
                  'num_decodes > 1 needs')
+
+
+def test_a_run_given_no_runner_gets_two_worker_threads():
+  """Without a runner and --direct_* options: FnApiRunner with two worker
+  threads in the launcher's process; any --direct_* option or a runner
+  the user gives is left as given."""
+  from apache_beam.options.pipeline_options import DirectOptions, StandardOptions  # pylint: disable=g-import-not-at-top
+  from launch import infer  # pylint: disable=g-import-not-at-top
+
+  def chosen(beam_args):
+    options = infer.pipeline_options(beam_args)
+    direct = options.view_as(DirectOptions)
+    return (options.view_as(StandardOptions).runner,
+            direct.direct_running_mode, direct.direct_num_workers)
+
+  assert chosen([]) == ('FnApiRunner', 'multi_threading', 2)
+  assert chosen(['--direct_num_workers=1']) == ('FnApiRunner', 'in_memory', 1)
+  assert chosen(['--direct_running_mode=multi_processing',
+                 '--direct_num_workers=3']) == ('FnApiRunner',
+                                                'multi_processing', 3)
+  assert chosen(['--runner=FnApiRunner']) == ('FnApiRunner', 'in_memory', 1)
