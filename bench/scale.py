@@ -72,8 +72,10 @@ def gin_args(work: str, pattern: str, output: str):
           f'--gin.INFER_OUTPUT_DIR="{output}"']
 
 
-def model_alone(work: str, pattern: str) -> float:
-  """The demo model's examples/s on the task's own batches, no Beam."""
+def model_alone(work: str, pattern: str):
+  """The demo model's examples/s on the task's own batches, no Beam: (one
+  stream of calls, two streams on two threads as the launcher's two
+  worker threads drive it)."""
   from model import runtime  # pylint: disable=g-import-not-at-top
   runtime.configure_xla_cpu()
   from launch import infer  # pylint: disable=g-import-not-at-top
@@ -92,13 +94,24 @@ def model_alone(work: str, pattern: str) -> float:
              for shard in range(task.num_shards)
              for _, _, chunk in read.read_chunks(config, task.name, shard,
                                                  task.num_shards)]
-  best = 0.0
-  for _ in range(3):
-    start = time.perf_counter()
-    for batch in batches:
+
+  def run(part):
+    for batch in part:
       loaded.run(batch)
-    best = max(best, len(batches) * BATCH / (time.perf_counter() - start))
-  return best
+
+  best = [0.0, 0.0]
+  for _ in range(3):
+    for streams in (1, 2):
+      threads = [threading.Thread(target=run, args=(batches[i::streams],))
+                 for i in range(streams)]
+      start = time.perf_counter()
+      for thread in threads:
+        thread.start()
+      for thread in threads:
+        thread.join()
+      best[streams - 1] = max(best[streams - 1], len(batches) * BATCH /
+                              (time.perf_counter() - start))
+  return tuple(best)
 
 
 def timed_run(work: str, pattern: str, output: str, chunks: int,
@@ -318,9 +331,10 @@ def runs(args, work):
   sizes = [args.chunks, args.chunks * args.factor]
   patterns = {n: write_inputs(os.path.join(work, f'in{n}'), n * BATCH)
               for n in sizes}
-  rate = model_alone(work, patterns[sizes[0]])
+  rate, two_streams = model_alone(work, patterns[sizes[0]])
   print(f'model alone: {rate:.0f} examples/s (batches of {BATCH}, '
-        'demo model, float32)')
+        f'demo model, float32; {two_streams:.0f} in two streams, as two '
+        'worker threads drive it: the figures in brackets)')
   rows = []
   for i, n in enumerate(sizes):  # `--factor 1` runs one size twice
     output = os.path.join(work, f'out{i}-{n}')
@@ -332,10 +346,12 @@ def runs(args, work):
     rows.append((n, examples, total, first, total - last, per_chunk,
                  per_chunk - BATCH / rate, peak))
     print(f'{n} chunks ({examples} examples): {total:.1f} s in all '
-          f'({examples / total / rate:.0%} of the model alone), '
+          f'({examples / total / rate:.0%} of the model alone '
+          f'[{examples / total / two_streams:.0%}]), '
           f'{first:.1f} s to the first chunk, {total - last:.1f} s after '
           f'the last; steady {1000 * per_chunk:.2f} ms per chunk '
-          f'({BATCH / per_chunk / rate:.0%} of the model alone), overhead '
+          f'({BATCH / per_chunk / rate:.0%} of the model alone '
+          f'[{BATCH / per_chunk / two_streams:.0%}]), overhead '
           f'{1000 * (per_chunk - BATCH / rate):.2f} ms per chunk; peak '
           f'{peak:.0f} MB')
     inside = manifest['this_run']['examples_per_second']
