@@ -265,6 +265,11 @@ class LoadedModel:
     self.compile_seconds = compile_seconds
     self._lock = threading.Lock()
     self._load_reported = False
+    # Calls over a mesh of several devices run one at a time: two threads
+    # launching sharded programs at once could order their collectives
+    # differently on different devices (the launcher's local default is two
+    # worker threads). A single device takes concurrent calls.
+    self._one_call = threading.Lock()
 
   def mesh_shape(self) -> Dict[str, int]:
     """{'data': d, 'model': m}: the devices the model runs on."""
@@ -288,6 +293,13 @@ class LoadedModel:
     (score), one row per example in the given order. `example_keys`
     [examples, 2]: each example's sampling key. `queue_rows`: the most
     examples a call gives (see `InferenceModel.predict_examples`)."""
+    mesh = self.model.mesh_shape
+    if mesh['data'] * mesh['model'] == 1:
+      return self._run(features, example_keys, queue_rows)
+    with self._one_call:
+      return self._run(features, example_keys, queue_rows)
+
+  def _run(self, features, example_keys, queue_rows):
     spec = self.spec
     batching = spec.batching_plan()
     if spec.mode == 'score':

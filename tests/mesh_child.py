@@ -123,6 +123,49 @@ def refusal(make) -> str:
   return ''
 
 
+def calls_at_once(model, batch) -> dict:
+  """Two threads running `pipeline.inference.LoadedModel.run` on `model`
+  (two calls each, as the launcher's two worker threads do): whether any
+  two calls overlapped, and whether every call's tokens equal a lone
+  call's."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from pipeline import inference  # pylint: disable=g-import-not-at-top
+  spec = inference.ModelSpec('(in memory)', {'inputs': 10, 'targets': 6},
+                             model_config=model.config, batch_size=BATCH,
+                             restore_dtype='float32')
+  loaded = inference.LoadedModel(spec, model, 0.0, 0.0)
+  features = {'encoder_input_tokens': batch['encoder_input_tokens']}
+  alone = loaded.run(features)['tokens']
+  spans, same = [], []
+  predict = model.predict_examples
+
+  def timed_predict(*args, **kwargs):
+    start = time.perf_counter()
+    try:
+      return predict(*args, **kwargs)
+    finally:
+      spans.append((start, time.perf_counter()))
+
+  model.predict_examples = timed_predict
+
+  def work():
+    for _ in range(2):
+      same.append(bool(np.array_equal(loaded.run(features)['tokens'],
+                                      alone)))
+
+  threads = [threading.Thread(target=work) for _ in range(2)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  del model.predict_examples
+  spans.sort()
+  return {'overlapped': any(later[0] < earlier[1] for earlier, later
+                            in zip(spans, spans[1:])),
+          'calls': len(spans), 'all_equal': all(same) and len(same) == 4}
+
+
 def main():
   report = {}
   rng = np.random.default_rng(0)
@@ -141,6 +184,8 @@ def main():
           outputs(model, batch, beams and (data, model_axis) in BEAM_MESHES),
           mesh=model.mesh_shape,
           shards=shard_fractions(model))
+      if (style, data, model_axis) == ('t5_1_1', 4, 2):
+        report['calls_at_once'] = calls_at_once(model, batch)
   six_heads = style_config('t5_1_1', num_heads=6)
   report['refusals'] = {
       'heads': refusal(lambda: InferenceModel(

@@ -165,3 +165,12 @@ def test_a_model_axis_the_model_cannot_split_is_refused_at_launch(env,
   assert ("t5beam: error: the model axis of 4 (partitioning.PjitPartitioner."
           "num_partitions) does not divide the model's num_heads = 2") in stderr
   assert not (tmp_path / 'out').exists()
+
+
+def test_calls_over_a_mesh_of_several_devices_run_one_at_a_time(report):
+  """Two threads (the launcher's two local worker threads) running a
+  LoadedModel over a (4, 2) mesh: the calls never overlap, so their
+  collectives cannot interleave across devices, and each gives a lone
+  call's tokens."""
+  assert report['calls_at_once'] == {'overlapped': False, 'calls': 4,
+                                     'all_equal': True}
