@@ -9,9 +9,11 @@ chunk and its overhead beyond the model's own time, the command's peak
 memory, the model's examples/s of model time inside the run (the
 manifest's) against alone, its restore and compile seconds (the log's),
 and where the command's CPU went per chunk in its steady state, by thread
-(the main thread, XLA's compute threads, the chunk writer, the rest; user
-and system time, from /proc on Linux). The model's own examples/s on the same batches is measured first,
-in this process. Then it times planning a resumed run over 10^5 finished
+(the main thread, XLA's compute pool and runtime threads, the chunk
+writer, the rest; user and system time, from /proc on Linux). The model's
+own examples/s on the same batches, in one stream and in two (as the
+launcher's two worker threads drive it), is measured first, in this
+process. Then it times planning a resumed run over 10^5 finished
 chunk files, on local disk and on the loopback GCS server of the tests.
 Not a test: run it by hand.
 
@@ -199,6 +201,7 @@ def steady_cpu(pid: int, marks) -> str:
   writer, the rest; user + system milliseconds."""
   if len(marks) < 2 or not marks[0][1] or marks[1][0] <= marks[0][0]:
     return 'no per-thread CPU (not Linux, or too few chunks)'
+  from pipeline.infer_chunks import LOAD_THREAD  # pylint: disable=g-import-not-at-top
   (count0, before), (count1, after) = marks
   roles = {}
   for tid, (name, user, system) in after.items():
@@ -207,7 +210,7 @@ def steady_cpu(pid: int, marks) -> str:
     # named after the thread that started JAX's backend, the model load.
     role = ('main thread' if tid == pid else
             'XLA compute pool' if name == 'tf_XLAEigen' else
-            'XLA runtime (t5beam-model)' if name == 't5beam-model' else
+            f'XLA runtime ({name})' if name == LOAD_THREAD else
             name if name.startswith('t5beam-') else 'other threads')
     spent = roles.setdefault(role, [0.0, 0.0])
     spent[0] += user - user0
@@ -307,7 +310,7 @@ def main():
   # from the disk's.
   parser.add_argument('--dir', default=None)
   # Beam options for the runs (repeat it), e.g. --beam=--direct_num_workers=1
-  # for the worker threads of the launcher's default, LOCAL_THREADS.
+  # for one worker thread instead of the launcher's default of two.
   parser.add_argument('--beam', action='append', default=[])
   parser.add_argument('--plan-only', help=argparse.SUPPRESS)
   args = parser.parse_args()

@@ -143,13 +143,19 @@ def release_freed_memory(freed_bytes: int):
   if _freed_since_trim < _FREED_BYTES_PER_TRIM:
     return
   _freed_since_trim = 0
-  try:
-    libc = ctypes.CDLL('libc.so.6')
-  except OSError:
-    return
-  trim = getattr(libc, 'malloc_trim', None)
+  trim = _libc_function('malloc_trim')
   if trim is not None:
     trim(0)
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_function(name: str):
+  """glibc's function `name`, or None where there is none (not Linux, or
+  another C library)."""
+  try:
+    return getattr(ctypes.CDLL('libc.so.6'), name, None)
+  except OSError:
+    return None
 
 
 _PR_SET_NAME = 15  # prctl: the calling thread's name (Linux)
@@ -160,11 +166,7 @@ def name_os_thread(name: str):
   system, where `top -H`, `ps -L` and /proc/<pid>/task/*/comm show it:
   CPython before 3.14 leaves every thread it starts named after the
   process. A no-op off Linux. Changes no setting."""
-  try:
-    libc = ctypes.CDLL('libc.so.6', use_errno=True)
-  except OSError:
-    return
-  prctl = getattr(libc, 'prctl', None)
+  prctl = _libc_function('prctl')
   if prctl is not None:
     prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode('utf-8')[:15]), 0, 0, 0)
 

@@ -28,6 +28,7 @@ is (task, input shard, index in the shard); the handler's is the element's
 key, or its content.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -269,7 +270,9 @@ class LoadedModel:
     # launching sharded programs at once could order their collectives
     # differently on different devices (the launcher's local default is two
     # worker threads). A single device takes concurrent calls.
-    self._one_call = threading.Lock()
+    mesh = model.mesh_shape
+    self._one_call = (contextlib.nullcontext() if mesh['data'] *
+                      mesh['model'] == 1 else threading.Lock())
 
   def mesh_shape(self) -> Dict[str, int]:
     """{'data': d, 'model': m}: the devices the model runs on."""
@@ -293,9 +296,6 @@ class LoadedModel:
     (score), one row per example in the given order. `example_keys`
     [examples, 2]: each example's sampling key. `queue_rows`: the most
     examples a call gives (see `InferenceModel.predict_examples`)."""
-    mesh = self.model.mesh_shape
-    if mesh['data'] * mesh['model'] == 1:
-      return self._run(features, example_keys, queue_rows)
     with self._one_call:
       return self._run(features, example_keys, queue_rows)
 

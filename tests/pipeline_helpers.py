@@ -89,6 +89,14 @@ def read_records(path: str):
     return [json.loads(line) for line in f]
 
 
+def os_thread_name() -> str:
+  """The calling thread's name in the operating system (what `top -H`
+  shows; Linux)."""
+  import threading  # pylint: disable=g-import-not-at-top
+  with open(f'/proc/self/task/{threading.get_native_id()}/comm') as f:
+    return f.read().strip()
+
+
 def output_files(directory: str):
   """{name: bytes} of the final jsonl files in `directory`."""
   result = {}

@@ -296,8 +296,7 @@ def test_readers_load_the_model_inference_then_uses(tmp_path, monkeypatch,
 
   def counted_load(*args, **kwargs):
     loads.append(threading.current_thread().name)
-    with open(f'/proc/self/task/{threading.get_native_id()}/comm') as f:
-      os_names.append(f.read().strip())  # the name `top -H` shows
+    os_names.append(helpers.os_thread_name())
     return load_model(*args, **kwargs)
 
   monkeypatch.setattr(inference, 'load_model', counted_load)
@@ -358,8 +357,7 @@ def test_records_are_made_on_the_writer_and_its_failure_fails_the_bundle(
 
   def records(*args):
     made_on.append(threading.current_thread().name)
-    with open(f'/proc/self/task/{threading.get_native_id()}/comm') as f:
-      os_names.append(f.read().strip())  # what `top -H` shows
+    os_names.append(helpers.os_thread_name())
     if len(made_on) == 3:
       raise ValueError('this chunk cannot be decoded')
     return make_records(*args)

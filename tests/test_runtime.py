@@ -84,19 +84,14 @@ def test_this_cpu_is_read_from_proc_cpuinfo():
 def test_a_thread_is_named_in_the_os_and_only_that_thread():
   import threading  # pylint: disable=g-import-not-at-top
   from model import runtime  # pylint: disable=g-import-not-at-top
-
-  def os_name(thread_id: int) -> str:
-    with open(f'/proc/self/task/{thread_id}/comm') as f:
-      return f.read().strip()
-
   if not os.path.exists(f'/proc/self/task/{threading.get_native_id()}'):
     return  # not Linux: nothing to name
-  main_name = os_name(threading.get_native_id())
+  main_name = helpers.os_thread_name()
   seen = {}
 
   def named(name):
     runtime.name_os_thread(name)
-    seen[name] = os_name(threading.get_native_id())
+    seen[name] = helpers.os_thread_name()
 
   for name in ('t5beam-writer', 'a-name-longer-than-fifteen-bytes'):
     thread = threading.Thread(target=named, args=(name,))
@@ -104,4 +99,4 @@ def test_a_thread_is_named_in_the_os_and_only_that_thread():
     thread.join()
   assert seen == {'t5beam-writer': 't5beam-writer',
                   'a-name-longer-than-fifteen-bytes': 'a-name-longer-t'}
-  assert os_name(threading.get_native_id()) == main_name
+  assert helpers.os_thread_name() == main_name
