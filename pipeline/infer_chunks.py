@@ -244,12 +244,10 @@ class InferChunk(beam.DoFn):
     which makes the records and writes the file (`path`): (decoded tokens,
     seconds of model time)."""
     config = self._config
-    start = time.perf_counter()
-    outputs, count, decoded_tokens = inference.run_examples(
+    outputs, count, decoded_tokens, seconds = inference.run_examples(
         self._model, config.model, data.features,
         [(task_name, shard, data.first + i) for i in range(len(data))],
         queue_rows=config.chunk_size)
-    seconds = time.perf_counter() - start
     _maybe_inject_fault(task_name, shard, chunk)
     self._wait_for_writes(self._max_pending - 1)
     self._pending.append(self._writer.submit(

@@ -11,7 +11,8 @@ they give the same record.
     inferences, tokens = infer_examples(loaded, spec, vocabulary, features,
                                         identities)
     # or, to make the records elsewhere while the model runs on:
-    outputs, count, tokens = run_examples(loaded, spec, features, identities)
+    outputs, count, tokens, seconds = run_examples(loaded, spec, features,
+                                                   identities)
     inferences = records(spec, vocabulary, outputs, count)
 
 `features` are one dict of int arrays per example, as SeqIO's
@@ -253,6 +254,41 @@ def pad_batch(stacked: Mapping[str, np.ndarray],
 # --- the loaded model ---------------------------------------------------------
 
 
+class ModelClock:
+  """The model time of calls that may overlap (the threads of a worker
+  sharing one model). While n calls run, each is charged 1/n of the time
+  that passes, so the charges of all calls add up to the time during which
+  at least one call ran: the model's own time, whatever the number of
+  threads driving it (a sum of overlapping calls' durations would count
+  the same seconds twice, and make the model look slower than it is)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._charges = {}  # running call -> seconds charged to it so far
+    self._last = 0.0
+
+  def _advance(self, now: float):
+    if self._charges:
+      share = (now - self._last) / len(self._charges)
+      for call in self._charges:
+        self._charges[call] += share
+    self._last = now
+
+  def start(self) -> object:
+    """A call begins: its token for `stop`."""
+    call = object()
+    with self._lock:
+      self._advance(time.perf_counter())
+      self._charges[call] = 0.0
+    return call
+
+  def stop(self, call: object) -> float:
+    """The call ends: the seconds charged to it."""
+    with self._lock:
+      self._advance(time.perf_counter())
+      return self._charges.pop(call)
+
+
 class LoadedModel:
   """The model one worker process (or, with Beam's `large_model`, one VM)
   holds, with the settings it was loaded for. Its methods take and return
@@ -273,6 +309,7 @@ class LoadedModel:
     mesh = model.mesh_shape
     self._one_call = (contextlib.nullcontext() if mesh['data'] *
                       mesh['model'] == 1 else threading.Lock())
+    self._clock = ModelClock()
 
   def mesh_shape(self) -> Dict[str, int]:
     """{'data': d, 'model': m}: the devices the model runs on."""
@@ -296,8 +333,21 @@ class LoadedModel:
     (score), one row per example in the given order. `example_keys`
     [examples, 2]: each example's sampling key. `queue_rows`: the most
     examples a call gives (see `InferenceModel.predict_examples`)."""
+    return self.run_timed(features, example_keys, queue_rows)[0]
+
+  def run_timed(self, features: Mapping[str, np.ndarray],
+                example_keys: Optional[np.ndarray] = None,
+                queue_rows: int = 0) -> Tuple[Dict[str, np.ndarray], float]:
+    """`run`, and the seconds of model time the call is charged: its
+    duration, shared with the calls other threads ran at the same time
+    (`ModelClock`)."""
     with self._one_call:
-      return self._run(features, example_keys, queue_rows)
+      call = self._clock.start()
+      try:
+        outputs = self._run(features, example_keys, queue_rows)
+      finally:
+        seconds = self._clock.stop(call)
+    return outputs, seconds
 
   def _run(self, features, example_keys, queue_rows):
     spec = self.spec
@@ -398,9 +448,10 @@ def _inference(spec: ModelSpec, vocabulary, outputs: Mapping[str, np.ndarray],
 
 def run_examples(model, spec: ModelSpec, features,
                  identities: Sequence[Sequence[Any]], queue_rows: int = 0
-                 ) -> Tuple[Dict[str, np.ndarray], int, int]:
+                 ) -> Tuple[Dict[str, np.ndarray], int, int, float]:
   """Runs the model on the examples: (its outputs, one row per example, as
-  `LoadedModel.run` gives them; example count; decoded token count).
+  `LoadedModel.run` gives them; example count; decoded token count; seconds
+  of model time, `LoadedModel.run_timed`'s).
 
   The model's half of `infer_examples`; `records` makes the records from
   its outputs, so a caller may make them on another thread while the model
@@ -408,7 +459,7 @@ def run_examples(model, spec: ModelSpec, features,
   stacked = isinstance(features, Mapping)
   count = len(features[FEATURES[0]]) if stacked else len(features)
   if not count:
-    return {}, 0, 0
+    return {}, 0, 0, 0.0
   if stacked:
     arrays = {name: np.asarray(features[name], np.int32) for name in FEATURES}
   else:
@@ -417,11 +468,11 @@ def run_examples(model, spec: ModelSpec, features,
   if spec.decoding.needs_rng and spec.mode != 'score':
     keys = np.stack([example_key(spec.seed, identity)
                      for identity in identities])
-  outputs = model.run(arrays, keys, queue_rows)
+  outputs, seconds = model.run_timed(arrays, keys, queue_rows)
   decoded_tokens = 0
   if 'tokens' in outputs:
     decoded_tokens = int(np.sum(outputs['tokens'] > 0))
-  return outputs, count, decoded_tokens
+  return outputs, count, decoded_tokens, seconds
 
 
 def records(spec: ModelSpec, vocabulary, outputs: Mapping[str, np.ndarray],
@@ -442,6 +493,6 @@ def infer_examples(model, spec: ModelSpec, vocabulary,
   chunk), all run in one call by the spec's batching (batches of
   `spec.batch_size` rows); `identities` give the sampling keys;
   `queue_rows`: see `LoadedModel.run`."""
-  outputs, count, decoded_tokens = run_examples(model, spec, features,
-                                                identities, queue_rows)
+  outputs, count, decoded_tokens, _ = run_examples(model, spec, features,
+                                                   identities, queue_rows)
   return records(spec, vocabulary, outputs, count), decoded_tokens

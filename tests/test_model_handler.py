@@ -321,3 +321,65 @@ def test_the_readme_examples_run_as_written(env, tmp_path):
   errors = (tmp_path / 'errors.txt').read_text().splitlines()
   assert len(errors) == 1 and errors[0].startswith("('q2', {'text'")
   assert "has no 'inputs'" in errors[0]
+
+
+def test_model_time_counts_overlapping_calls_once(env):
+  """Two threads share a worker's model (the launcher's local default): the
+  model time their calls are charged adds up to the time during which at
+  least one call ran, never to more than the wall time, while the calls'
+  own durations add up to more."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from pipeline import inference  # pylint: disable=g-import-not-at-top
+  handler = make_handler(env, SENTENCEPIECE, 'predict')
+  loaded = handler.load_model()
+  features = inference.stack_batch(
+      [handler.prepare(f'first file {i} x').features for i in range(4)], 4)
+  charged, durations = [], []
+
+  def calls():
+    for _ in range(25):
+      start = time.perf_counter()
+      _, seconds = loaded.run_timed(features)
+      durations.append(time.perf_counter() - start)
+      charged.append(seconds)
+
+  threads = [threading.Thread(target=calls) for _ in range(2)]
+  start = time.perf_counter()
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  wall = time.perf_counter() - start
+  assert len(charged) == 50 and min(charged) > 0
+  assert sum(durations) > wall  # the calls did overlap
+  assert sum(charged) <= wall
+  assert sum(charged) <= sum(durations)
+
+
+def test_the_model_clock_shares_time_between_running_calls():
+  """Call a runs alone, then beside call b, then b alone: each is charged
+  its time alone and half the time they ran together, so the charges add
+  up to the time some call ran, less than the sum of their durations."""
+  import time  # pylint: disable=g-import-not-at-top
+  from pipeline import inference  # pylint: disable=g-import-not-at-top
+  clock = inference.ModelClock()
+  a = clock.start()
+  a_started = time.perf_counter()
+  time.sleep(0.2)
+  b = clock.start()
+  b_started = time.perf_counter()
+  time.sleep(0.2)
+  charged_a = clock.stop(a)
+  a_stopped = time.perf_counter()
+  time.sleep(0.2)
+  charged_b = clock.stop(b)
+  b_stopped = time.perf_counter()
+  together = a_stopped - b_started
+  assert charged_a == pytest.approx(b_started - a_started + together / 2,
+                                    abs=0.01)
+  assert charged_b == pytest.approx(b_stopped - a_stopped + together / 2,
+                                    abs=0.01)
+  assert charged_a + charged_b == pytest.approx(b_stopped - a_started,
+                                                abs=0.01)
+  assert together > 0.15
