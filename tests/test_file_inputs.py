@@ -402,11 +402,12 @@ BAD_TSV = [(b'1 + 1', '1 columns, the header has 2'),
            (b'y\t\xfe 5 + 5', 'not UTF-8')]
 
 
-def _write_with_bad(directory, file_type, bad_lines, parts=(0, 1)):
-  """Two files (two input shards) of the GOOD questions; the second has
-  `bad_lines` after its good ones, one after each, the rest at its end. Returns
-  (pattern, the bad lines' line numbers)."""
-  halves = (GOOD[:4], GOOD[4:])
+def _write_with_bad(directory, file_type, bad_lines, parts=(0, 1), copies=1):
+  """Two files (two input shards) of the GOOD questions (each half `copies`
+  times); the second has `bad_lines` after its first good ones, one after
+  each, the rest at its end. Returns (pattern, the bad lines' line
+  numbers)."""
+  halves = (GOOD[:4] * copies, GOOD[4:] * copies)
   numbers = []
   for index, questions in enumerate(halves):
     lines = []
@@ -560,7 +561,11 @@ def test_killed_run_over_bad_records_resumes_to_identical_files(tmp_path):
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   from pipeline import file_tasks  # pylint: disable=g-import-not-at-top
   from pipeline.run import run_inference  # pylint: disable=g-import-not-at-top
-  pattern, _ = _write_with_bad(tmp_path, 'jsonl', [l for l, _ in BAD_JSONL])
+  # 64 chunks of one example: enough that the kill, which comes a few
+  # milliseconds after the first chunk file appears, lands mid-run (with
+  # 8, chunks waiting for the writer were all written in that time).
+  pattern, _ = _write_with_bad(tmp_path, 'jsonl', [l for l, _ in BAD_JSONL],
+                               copies=8)
   spec = file_tasks.FileTaskSpec((pattern,), 'jsonl', 'question',
                                  seqio.ByteVocabulary())
 
@@ -587,7 +592,7 @@ def test_killed_run_over_bad_records_resumes_to_identical_files(tmp_path):
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
   finished = layout.finished_chunks(2)
-  assert 1 <= len(finished) < 8, finished
+  assert 1 <= len(finished) < 64, finished
   result = run_inference(resumed, options)
   assert result.counters['chunks_skipped'] == len(finished)
   assert (helpers.output_files(tmp_path / 'out') ==
